@@ -1,0 +1,1 @@
+"""The HTTP API: OpenAI wire types, thin routes, error mapping."""

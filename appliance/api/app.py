@@ -1,0 +1,34 @@
+"""The FastAPI application factory: routes, error mapping and the edge middleware, nothing else.
+
+The app receives its collaborators (scheduler, settings) ready-made from ``bootstrap``; it never
+loads a model or reads configuration itself, so tests can build it around any scheduler.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import FastAPI
+
+from appliance import __version__
+from appliance.api.edge import EdgeMiddleware
+from appliance.api.errors import install_error_handlers
+from appliance.api.routes import router, v1
+from appliance.config import Settings
+from appliance.scheduler import Scheduler
+
+
+def create_app(scheduler: Scheduler, settings: Settings) -> FastAPI:
+    app = FastAPI(
+        title="LLM appliance",
+        version=__version__,
+        summary="A private, OpenAI-compatible endpoint for quantized open models.",
+    )
+    app.state.scheduler = scheduler
+    app.state.settings = settings
+    app.state.started = int(time.time())
+    app.include_router(router)
+    app.include_router(v1)
+    install_error_handlers(app)
+    app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,125 @@
+"""Pure converters between OpenAI wire requests and internal ``GenerationRequest`` values.
+
+Conversion happens once, at the edge; unsupported features are refused here with the parameter
+named, so a client learns at once instead of getting a silently different answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from appliance.api.errors import APIError
+from appliance.api.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
+from appliance.generation import GenerationRequest
+from engines.base import ChatMessage
+
+MAX_STOP = 16
+LEGACY_COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+_SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repeat_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+)
+
+
+def _unsupported(param: str, message: str) -> APIError:
+    return APIError(400, message, param=param, code="unsupported_parameter")
+
+
+def _common_checks(req: _Sampling) -> None:
+    if req.n is not None and req.n > 1:
+        raise _unsupported("n", "n > 1 is not supported: send separate requests (they are batched together).")
+    if req.logprobs:
+        raise _unsupported("logprobs", "logprobs are not supported yet.")
+    if req.logit_bias:
+        raise _unsupported("logit_bias", "logit_bias is not supported yet.")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true.", param="stream_options")
+
+
+def sampling_overrides(req: _Sampling) -> dict[str, Any]:
+    """Only the values the client set: the model's own defaults fill the rest."""
+    return {name: getattr(req, name) for name in _SAMPLING_FIELDS if getattr(req, name) is not None}
+
+
+def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    items = [stop] if isinstance(stop, str) else stop
+    if len(items) > MAX_STOP:
+        raise APIError(400, f"At most {MAX_STOP} stop sequences are allowed.", param="stop")
+    return tuple(s for s in items if s)
+
+
+def _message_text(index: int, content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        if part.type != "text" or part.text is None:
+            raise APIError(
+                400,
+                f"Content part type '{part.type}' is not supported by this model; only 'text'.",
+                param=f"messages.{index}.content.{j}.type",
+            )
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
+def chat_request(req: ChatCompletionRequest) -> GenerationRequest:
+    _common_checks(req)
+    if req.tools or req.functions:
+        raise _unsupported("tools", "Tool and function calling are not supported yet.")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise _unsupported("response_format", "Only response_format type 'text' is supported yet.")
+    messages = []
+    for i, msg in enumerate(req.messages):
+        if msg.role in ("tool", "function"):
+            raise _unsupported(f"messages.{i}.role", f"Role '{msg.role}' needs tool calling, not supported yet.")
+        role = "system" if msg.role == "developer" else msg.role
+        messages.append(ChatMessage(role, _message_text(i, msg.content)))
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    return GenerationRequest(
+        model=req.model,
+        sampling=sampling_overrides(req),
+        messages=tuple(messages),
+        max_tokens=max_tokens,
+        stop=stop_strings(req.stop),
+    )
+
+
+def completion_requests(req: CompletionRequest) -> list[GenerationRequest]:
+    """One internal request per prompt (a list of prompts gives one choice each)."""
+    _common_checks(req)
+    if req.best_of is not None and req.best_of > 1:
+        raise _unsupported("best_of", "best_of > 1 is not supported.")
+    if req.suffix:
+        raise _unsupported("suffix", "suffix (fill-in-the-middle) is not supported yet.")
+    prompt = req.prompt
+    if isinstance(prompt, list) and not prompt:
+        raise APIError(400, "prompt must not be empty.", param="prompt")
+    common: dict[str, Any] = {
+        "model": req.model,
+        "sampling": sampling_overrides(req),
+        "max_tokens": req.max_tokens if req.max_tokens is not None else LEGACY_COMPLETIONS_MAX_TOKENS,
+        "stop": stop_strings(req.stop),
+    }
+    if isinstance(prompt, str):
+        return [GenerationRequest(prompt=prompt, **common)]
+    ints = [p for p in prompt if isinstance(p, int)]
+    strs = [p for p in prompt if isinstance(p, str)]
+    lists = [p for p in prompt if isinstance(p, list)]
+    if len(ints) == len(prompt):
+        return [GenerationRequest(prompt_tokens=tuple(ints), **common)]
+    if len(strs) == len(prompt):
+        return [GenerationRequest(prompt=p, **common) for p in strs]
+    if len(lists) != len(prompt) or any(not p for p in lists):
+        raise APIError(400, "prompt must be a string, a list of strings, or non-empty token lists.", param="prompt")
+    return [GenerationRequest(prompt_tokens=tuple(p), **common) for p in lists]

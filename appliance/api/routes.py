@@ -1,0 +1,149 @@
+"""Thin routes: wire request -> internal request -> scheduler -> wire response."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from appliance.api import convert
+from appliance.api.edge import request_id, require_api_key, set_response_id
+from appliance.api.errors import APIError
+from appliance.api.protocol import (
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatMessageOut,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+from appliance.api.streaming import (
+    cancel_on_disconnect,
+    chat_chunks,
+    completion_chunks,
+    event_stream,
+    finish_error,
+)
+from appliance.generation import FinishEvent, Generation, GenerationRequest
+from appliance.scheduler import Scheduler
+
+router = APIRouter()
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+
+def _scheduler(request: Request) -> Scheduler:
+    scheduler: Scheduler = request.app.state.scheduler
+    return scheduler
+
+
+def _raise_if_failed(finish: FinishEvent) -> None:
+    error = finish_error(finish)
+    if error is not None:
+        detail = error["error"]
+        status = 500 if finish.finish_reason == "error" else 503
+        raise APIError(status, detail["message"], type=detail["type"], code=detail["code"])
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    scheduler = _scheduler(request)
+    status = "ok" if scheduler.accepting else "shutting_down"
+    body = {"status": status, "models": [vars(s) for s in scheduler.stats()]}
+    return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+
+@v1.get("/models")
+async def list_models(request: Request) -> ModelList:
+    created = request.app.state.started
+    return ModelList(data=[ModelCard(id=m, created=created) for m in _scheduler(request).model_ids])
+
+
+@v1.get("/models/{model_id}")
+async def get_model(model_id: str, request: Request) -> ModelCard:
+    runner = _scheduler(request).resolve(model_id)
+    return ModelCard(id=runner.model_id, created=request.app.state.started)
+
+
+@v1.post("/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response | ChatCompletion:
+    internal = convert.chat_request(body)
+    response_id = f"chatcmpl-{request_id(request)}"
+    set_response_id(request, response_id)
+    created = int(time.time())
+    gen = await _scheduler(request).submit(internal, response_id)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return event_stream(request, [gen], chat_chunks(gen, created=created, include_usage=include_usage))
+    async with cancel_on_disconnect(request, [gen]):
+        text, finish = await gen.collect()
+    _raise_if_failed(finish)
+    return ChatCompletion(
+        id=response_id,
+        created=created,
+        model=gen.model,
+        choices=[ChatChoice(index=0, message=ChatMessageOut(content=text), finish_reason=finish.finish_reason)],
+        usage=Usage(
+            prompt_tokens=finish.prompt_tokens,
+            completion_tokens=finish.completion_tokens,
+            total_tokens=finish.prompt_tokens + finish.completion_tokens,
+        ),
+    )
+
+
+async def _submit_all(scheduler: Scheduler, requests: list[GenerationRequest], response_id: str) -> list[Generation]:
+    gens: list[Generation] = []
+    try:
+        for i, internal in enumerate(requests):
+            gens.append(await scheduler.submit(internal, response_id if i == 0 else f"{response_id}-{i}"))
+    except BaseException:
+        for gen in gens:
+            gen.cancel()
+        raise
+    return gens
+
+
+@v1.post("/completions", response_model=None)
+async def completions(body: CompletionRequest, request: Request) -> Response | Completion:
+    internals = convert.completion_requests(body)
+    if body.echo and any(r.prompt is None for r in internals):
+        raise APIError(400, "echo is supported for text prompts only.", param="echo", code="unsupported_parameter")
+    echo = [r.prompt or "" for r in internals] if body.echo else [""] * len(internals)
+    response_id = f"cmpl-{request_id(request)}"
+    set_response_id(request, response_id)
+    created = int(time.time())
+    gens = await _submit_all(_scheduler(request), internals, response_id)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunks = completion_chunks(
+            gens, response_id=response_id, created=created, include_usage=include_usage, echo=echo
+        )
+        return event_stream(request, gens, chunks)
+    results: list[tuple[str, FinishEvent]] = []
+    async with cancel_on_disconnect(request, gens):
+        for gen in gens:
+            results.append(await gen.collect())
+    for _, finish in results:
+        _raise_if_failed(finish)
+    prompt_tokens = sum(f.prompt_tokens for _, f in results)
+    completion_tokens = sum(f.completion_tokens for _, f in results)
+    choices: list[Any] = [
+        CompletionChoice(index=i, text=echo[i] + text, finish_reason=finish.finish_reason)
+        for i, (text, finish) in enumerate(results)
+    ]
+    return Completion(
+        id=response_id,
+        created=created,
+        model=gens[0].model,
+        choices=choices,
+        usage=Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        ),
+    )

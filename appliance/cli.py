@@ -1,0 +1,168 @@
+"""Argument parsing only: ``appliance --serve``, ``appliance serve``, ``appliance models ...``.
+
+Each command hands off to the module that owns the work; user-facing failures print one clear
+line and exit 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from appliance import __version__
+from appliance.config import DEFAULT_PORT, ConfigError, app_paths, load_settings
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1; others need --api-key)")
+    p.add_argument("--port", type=int, help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
+    p.add_argument("--socket", type=Path, help="also listen on this Unix socket (created with mode 0600)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (env APPLIANCE_API_KEY)")
+    p.add_argument(
+        "--model",
+        "-m",
+        action="append",
+        dest="models",
+        metavar="ID",
+        help="model id or alias to serve; repeat for several (default: the default model)",
+    )
+    p.add_argument("--ctx-size", "-c", type=int, help="context length per slot in tokens (default 4096)")
+    p.add_argument("--parallel", "-np", type=int, help="concurrent sequence slots per model (default 4)")
+    p.add_argument("--threads", "-t", type=int, help="CPU threads (default: cores available)")
+    p.add_argument("--batch-size", "-b", type=int, help="max tokens per decode step (default 512)")
+    p.add_argument("--max-queue", type=int, help="requests that may wait for a slot before 503 (default 64)")
+    p.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default 8 MiB)")
+    p.add_argument(
+        "--no-verify",
+        dest="verify_sha256",
+        action="store_false",
+        default=None,
+        help="skip the sha256 check of model files",
+    )
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="appliance",
+        description="The LLM appliance: a private, OpenAI-compatible endpoint for quantized open models.",
+    )
+    parser.add_argument("--version", action="version", version=f"appliance {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible API (also: appliance --serve)")
+    _serve_args(serve)
+    models = sub.add_parser("models", help="list and import models")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    ls = msub.add_parser("list", help="list known models")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    imp = msub.add_parser("import", help="import a GGUF file into the model store")
+    imp.add_argument("file", type=Path)
+    imp.add_argument("--id", dest="model_id", help="model id (default: from the file name)")
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"appliance: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from appliance.bootstrap import StartupError, serve
+
+    keys = (
+        "host",
+        "port",
+        "socket",
+        "api_key",
+        "ctx_size",
+        "parallel",
+        "threads",
+        "batch_size",
+        "max_queue",
+        "max_body_bytes",
+        "verify_sha256",
+        "log_level",
+    )
+    overrides: dict[str, Any] = {k: getattr(args, k) for k in keys}
+    overrides["models"] = tuple(args.models) if args.models else None
+    paths = app_paths()
+    settings = load_settings(paths, overrides)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        serve(settings, paths)
+    except StartupError as exc:
+        return _fail(str(exc))
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from appliance.modelstore import ModelFileError, import_model
+    from appliance.registry import RegistryError, load_registry
+
+    paths = app_paths()
+    try:
+        if args.models_command == "import":
+            spec = import_model(paths, args.file, args.model_id, progress=sys.stderr.isatty())
+            print(
+                f"imported {spec.id}: {spec.architecture}, {spec.quantization}, "
+                f"context {spec.context_length}, sha256 {spec.sha256}"
+            )
+            print(f"serve it with: appliance serve --model {spec.id}")
+            return 0
+        registry = load_registry(paths)
+    except (ModelFileError, RegistryError) as exc:
+        return _fail(str(exc))
+    rows = []
+    for spec in registry:
+        try:
+            location = str(spec.resolve_file(paths.models_dir))
+        except RegistryError as exc:
+            location = f"unavailable: {exc}"
+        rows.append(
+            {
+                "id": spec.id,
+                "default": spec.id == registry.default_model,
+                "engine": spec.engine,
+                "quantization": spec.quantization,
+                "context_length": spec.context_length,
+                "aliases": list(spec.aliases),
+                "source": spec.source,
+                "file": location,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        mark = "*" if row["default"] else " "
+        aliases = f" (aliases: {', '.join(row['aliases'])})" if row["aliases"] else ""
+        print(
+            f"{mark} {row['id']}{aliases}\n    {row['engine']} {row['quantization'] or ''} "
+            f"ctx {row['context_length'] or '?'}  [{row['source']}]\n    {row['file']}"
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if "--serve" in args_list:  # `appliance --serve [options]` is `appliance serve [options]`
+        args_list.remove("--serve")
+        args_list.insert(0, "serve")
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    try:
+        if args.command == "serve":
+            return _cmd_serve(args)
+        if args.command == "models":
+            return _cmd_models(args)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    parser.print_help()
+    return 0

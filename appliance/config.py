@@ -1,0 +1,117 @@
+"""Every setting of the server, once: typed, documented, bounded.
+
+Precedence is defaults < ``config.toml`` in the app's home < ``APPLIANCE_*`` environment
+variables < command-line flags. The home directory (platformdirs' user data dir, or
+``APPLIANCE_HOME``) holds the user's ``models.toml``, the imported model files and ``config.toml``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from platformdirs import user_data_dir
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_PORT = 8484
+ENV_PREFIX = "APPLIANCE_"
+
+
+class ConfigError(Exception):
+    """A setting is invalid; the message names the setting and where it came from."""
+
+
+def default_threads() -> int:
+    """Cores this process may run on (physical-core detection comes with the hardware planner)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Settings(BaseModel):
+    """Server settings. Field descriptions are the reference documentation (see README)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field("127.0.0.1", description="Address to listen on. Non-loopback addresses need an API key.")
+    port: int = Field(DEFAULT_PORT, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    socket: Path | None = Field(None, description="Also listen on this Unix domain socket (mode 0600).")
+    api_key: str | None = Field(None, min_length=8, description="Require 'Authorization: Bearer <key>'.")
+    models: tuple[str, ...] = Field((), description="Model ids (or aliases) to load; default: the default model.")
+    ctx_size: int = Field(4096, ge=128, le=1 << 20, description="Context length of each slot, in tokens.")
+    parallel: int = Field(4, ge=1, le=256, description="Sequence slots per model (concurrent generations).")
+    threads: int = Field(default_factory=default_threads, ge=1, le=1024, description="CPU threads for decoding.")
+    batch_size: int = Field(512, ge=16, le=16384, description="Max tokens per decode step (prompt chunk size).")
+    max_queue: int = Field(64, ge=0, le=100_000, description="Requests that may wait for a slot before 503.")
+    max_body_bytes: int = Field(8 << 20, ge=1024, description="Largest accepted request body; larger gets 413.")
+    shutdown_timeout: float = Field(10.0, ge=0, le=3600, description="Seconds running streams get to finish on stop.")
+    verify_sha256: bool = Field(True, description="Check model files against models.toml (cached per file).")
+    log_level: str = Field("info", pattern="^(debug|info|warning|error)$", description="Server log level.")
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where the appliance keeps the user's state."""
+
+    home: Path
+
+    @property
+    def models_file(self) -> Path:
+        return self.home / "models.toml"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def config_file(self) -> Path:
+        return self.home / "config.toml"
+
+    @property
+    def verified_file(self) -> Path:
+        return self.home / "verified.json"
+
+
+def app_paths() -> Paths:
+    home = os.environ.get(ENV_PREFIX + "HOME")
+    return Paths(Path(home).expanduser() if home else Path(user_data_dir("appliance", appauthor=False)))
+
+
+def _from_env() -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, field in Settings.model_fields.items():
+        raw = os.environ.get(ENV_PREFIX + name.upper())
+        if raw is None or raw == "":
+            continue
+        if name == "models":
+            values[name] = tuple(m.strip() for m in raw.split(",") if m.strip())
+        elif field.annotation is bool:
+            values[name] = raw.strip().lower() in ("1", "true", "yes", "on")
+        else:
+            values[name] = raw
+    return values
+
+
+def load_settings(paths: Paths, overrides: dict[str, Any] | None = None) -> Settings:
+    """Merge the four sources; an invalid value fails with the setting's name."""
+    merged: dict[str, Any] = {}
+    if paths.config_file.exists():
+        try:
+            merged.update(tomllib.loads(paths.config_file.read_text("utf-8")).get("server", {}))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{paths.config_file}: {exc}") from exc
+    merged.update(_from_env())
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return Settings(**merged)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid setting: {problems}") from exc

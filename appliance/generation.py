@@ -1,0 +1,141 @@
+"""Internal request and event types between the API edge and the scheduler.
+
+The API converts OpenAI wire models into a ``GenerationRequest`` once, at the edge; the
+scheduler never sees HTTP or pydantic. Errors are typed so the API maps them to status codes by
+class, never by matching message text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from engines.base import ChatMessage
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+class ApplianceError(Exception):
+    """Base of errors the API turns into an OpenAI-shaped response."""
+
+
+class UnknownModelError(ApplianceError):
+    def __init__(self, model: str, available: list[str]) -> None:
+        names = ", ".join(available) or "none"
+        super().__init__(f"The model '{model}' does not exist or is not loaded. Loaded models: {names}.")
+        self.model = model
+
+
+class ContextLengthError(ApplianceError):
+    def __init__(self, n_ctx: int, prompt_tokens: int, max_tokens: int | None) -> None:
+        if max_tokens is None:
+            msg = (
+                f"This model's maximum context length is {n_ctx} tokens. However, your messages "
+                f"resulted in {prompt_tokens} tokens. Please reduce the length of the messages."
+            )
+        else:
+            msg = (
+                f"This model's maximum context length is {n_ctx} tokens. However, you requested "
+                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} "
+                "in the completion). Please reduce the length of the messages or completion."
+            )
+        super().__init__(msg)
+
+
+class InvalidPromptError(ApplianceError):
+    """The prompt cannot be built (e.g. the chat template rejects the conversation)."""
+
+
+class QueueFullError(ApplianceError):
+    def __init__(self, model: str, depth: int, retry_after: int) -> None:
+        super().__init__(f"The server is at capacity for model '{model}' ({depth} requests waiting). Retry later.")
+        self.retry_after = retry_after
+
+
+class ShuttingDownError(ApplianceError):
+    def __init__(self) -> None:
+        super().__init__("The server is shutting down.")
+
+
+class GenerationFailedError(ApplianceError):
+    """The engine failed while generating; the server keeps running."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt to complete: either a conversation or raw text/tokens."""
+
+    model: str
+    # only the values the client set; the model's defaults fill the rest
+    sampling: Mapping[str, Any] = field(default_factory=dict)
+    messages: tuple[ChatMessage, ...] | None = None
+    prompt: str | None = None
+    prompt_tokens: tuple[int, ...] | None = None
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TextEvent:
+    text: str
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+Event = TextEvent | FinishEvent
+
+
+@dataclass
+class Generation:
+    """A submitted request: an async stream of events, cancellable from any thread."""
+
+    id: str
+    model: str
+    prompt_tokens: int
+    _queue: asyncio.Queue[Event] = field(repr=False)
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    finish: FinishEvent | None = None
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Yield text events, then exactly one ``FinishEvent``."""
+        while True:
+            event = await self._queue.get()
+            yield event
+            if isinstance(event, FinishEvent):
+                self.finish = event
+                return
+
+    async def collect(self) -> tuple[str, FinishEvent]:
+        parts: list[str] = []
+        async for event in self.events():
+            if isinstance(event, TextEvent):
+                parts.append(event.text)
+        assert self.finish is not None
+        return "".join(parts), self.finish
+
+
+def thread_safe_emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Event]) -> Callable[[Event], None]:
+    """A callable the decode thread uses to hand events to the event loop that awaits them."""
+
+    def emit(event: Event) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    return emit

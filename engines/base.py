@@ -1,0 +1,163 @@
+"""The engine contract: small protocols and plain data shared by every engine.
+
+The scheduler in ``appliance/`` drives engines only through these types, so an engine can be
+swapped (GGUF today, ONNX later) or faked in a test without touching the serving code. Nothing
+here imports a heavy runtime; ``engines/gguf.py`` is the only place llama_cpp is imported.
+
+The contract is a *batched step* API rather than "generate(prompt) -> iterator": the scheduler
+owns the decode loop so that many requests share one ``decode`` call (continuous batching),
+while the engine owns everything model-specific (tokenizer, chat template, sampler chain).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+class EngineError(Exception):
+    """Base of every error an engine raises on purpose."""
+
+
+class ModelLoadError(EngineError):
+    """The model file could not be loaded (missing, corrupt, unsupported architecture...)."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        super().__init__(f"cannot load model file {path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+class ChatTemplateError(EngineError):
+    """The conversation cannot be rendered with the model's chat template."""
+
+
+class DecodeError(EngineError):
+    """llama_decode (or equivalent) failed for a batch."""
+
+    def __init__(self, message: str, *, no_space: bool = False) -> None:
+        super().__init__(message)
+        self.no_space = no_space
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings; every sequence in a batch has its own."""
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    penalty_last_n: int = 64
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load one model: sizes are per engine instance, decided by the caller."""
+
+    n_ctx_per_slot: int = 4096
+    n_slots: int = 4
+    n_threads: int = 2
+    n_threads_batch: int = 2
+    n_batch: int = 512
+    n_gpu_layers: int = 0
+    chat_template_override: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the serving layer needs to know about a loaded model."""
+
+    n_ctx_per_slot: int
+    n_slots: int
+    n_ctx_train: int
+    n_vocab: int
+    description: str
+    has_chat_template: bool
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One message of a conversation, already reduced to plain text."""
+
+    role: str
+    content: str
+
+
+@dataclass
+class BatchItem:
+    """Tokens of one sequence to evaluate in the next ``decode`` call.
+
+    ``logits`` asks for the distribution after the last token, needed to sample the next one.
+    """
+
+    slot: int
+    tokens: Sequence[int]
+    start_pos: int
+    logits: bool
+
+
+class Sampler(Protocol):
+    """A per-sequence sampler: holds its RNG and penalty history."""
+
+    def sample(self, output_index: int) -> int:
+        """Pick the next token from the logits at ``output_index`` of the last decode."""
+        ...
+
+    def accept(self, token: int) -> None:
+        """Record a token as part of the sequence (for penalties)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LoadedModel(Protocol):
+    """A model loaded with ``n_slots`` independent sequence slots sharing its weights."""
+
+    @property
+    def facts(self) -> ModelFacts: ...
+
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        """Text to token ids; special-token text such as ``<|im_end|>`` is parsed as such."""
+        ...
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token contributes to the output (control tokens give b"")."""
+        ...
+
+    def is_end_of_generation(self, token: int) -> bool: ...
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        """The prompt text for a conversation, ending where the assistant's turn starts."""
+        ...
+
+    def new_sampler(self, params: SamplingParams) -> Sampler: ...
+
+    def decode(self, items: Sequence[BatchItem]) -> list[tuple[int, int]]:
+        """Evaluate one batch; returns ``(slot, output_index)`` for items that asked for logits."""
+        ...
+
+    def clear_slot(self, slot: int) -> None:
+        """Forget a slot's KV cache so the slot can serve a new sequence."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Engine(Protocol):
+    """Loads model files of one format (``gguf``, later ``onnx``)."""
+
+    name: str
+
+    def load(self, path: Path, options: LoadOptions) -> LoadedModel: ...

@@ -1,0 +1,294 @@
+"""GGUF models through llama.cpp's low-level C API (via llama-cpp-python's ctypes bindings).
+
+This is the only module that imports ``llama_cpp``. We use the low-level functions rather than
+the high-level ``Llama`` class because ``Llama`` serves one sequence at a time and keeps global
+per-instance state; here one context holds ``n_slots`` independent sequences (a separate KV
+stream each, ``kv_unified = false``) so the scheduler can decode many requests in one batch and
+give every sequence its own sampler chain.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from engines.base import (
+    BatchItem,
+    ChatMessage,
+    DecodeError,
+    LoadOptions,
+    ModelFacts,
+    ModelLoadError,
+    SamplingParams,
+)
+from engines.chat_template import ChatTemplate
+
+log = logging.getLogger(__name__)
+native_log = logging.getLogger("engines.llama_cpp.native")
+
+GGUF_MAGIC = b"GGUF"
+_RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp picks a random seed
+_backend_lock = threading.Lock()
+_backend_ready = False
+_log_callback: Any = None  # the ctypes callback must outlive every native call
+
+
+def check_gguf_file(path: Path) -> None:
+    """Fail with a clear message unless ``path`` is a readable GGUF file."""
+    if not path.exists():
+        raise ModelLoadError(path, "the file does not exist")
+    if not path.is_file():
+        raise ModelLoadError(path, "not a regular file")
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise ModelLoadError(path, f"cannot read it ({exc.strerror})") from exc
+    if magic != GGUF_MAGIC:
+        raise ModelLoadError(path, "not a GGUF file (bad magic bytes)")
+
+
+def _llama() -> Any:
+    """Import llama_cpp once, initialise the backend and route its logging to ``logging``."""
+    global _backend_ready, _log_callback
+    import llama_cpp
+
+    with _backend_lock:
+        if not _backend_ready:
+            levels = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level; INFO is chatty: DEBUG
+
+            @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+            def _on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+                message = text.decode("utf-8", "replace").rstrip()
+                if message.strip(". "):
+                    native_log.log(levels.get(level, logging.DEBUG), "%s", message)
+
+            _log_callback = _on_log
+            llama_cpp.llama_backend_init()
+            # after backend init: initialising the backend installs its own default logger
+            llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            _backend_ready = True
+    return llama_cpp
+
+
+class GgufSampler:
+    """One sequence's llama.cpp sampler chain (penalties -> top-k -> top-p -> min-p -> temp -> dist)."""
+
+    def __init__(self, lib: Any, ctx: Any, n_vocab: int, params: SamplingParams) -> None:
+        self._lib = lib
+        self._ctx = ctx
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        add = lib.llama_sampler_chain_add
+        if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+            add(
+                chain,
+                lib.llama_sampler_init_penalties(
+                    n_vocab,
+                    params.penalty_last_n,
+                    params.repeat_penalty,
+                    params.frequency_penalty,
+                    params.presence_penalty,
+                ),
+            )
+        if params.greedy:
+            add(chain, lib.llama_sampler_init_greedy())
+        else:
+            if params.top_k > 0:
+                add(chain, lib.llama_sampler_init_top_k(params.top_k))
+            if params.top_p < 1.0:
+                add(chain, lib.llama_sampler_init_top_p(params.top_p, 1))
+            if params.min_p > 0.0:
+                add(chain, lib.llama_sampler_init_min_p(params.min_p, 1))
+            add(chain, lib.llama_sampler_init_temp(params.temperature))
+            seed = _RANDOM_SEED if params.seed is None else params.seed & 0xFFFFFFFF
+            add(chain, lib.llama_sampler_init_dist(seed))
+        self._chain: Any = chain
+
+    def sample(self, output_index: int) -> int:
+        # llama_sampler_sample also accepts the token into the chain (penalty history).
+        return int(self._lib.llama_sampler_sample(self._chain, self._ctx, output_index))
+
+    def accept(self, token: int) -> None:
+        self._lib.llama_sampler_accept(self._chain, token)
+
+    def close(self) -> None:
+        if self._chain is not None:
+            self._lib.llama_sampler_free(self._chain)
+            self._chain = None
+
+
+class GgufModel:
+    """A loaded GGUF model with one llama.cpp context of ``n_slots`` sequences."""
+
+    def __init__(self, path: Path, options: LoadOptions) -> None:
+        check_gguf_file(path)
+        lib = _llama()
+        self._lib = lib
+        self._options = options
+        mparams = lib.llama_model_default_params()
+        mparams.n_gpu_layers = options.n_gpu_layers
+        model = lib.llama_model_load_from_file(str(path).encode("utf-8"), mparams)
+        if not model:
+            raise ModelLoadError(path, "llama.cpp could not load it (corrupt, truncated or unsupported)")
+        self._model: Any = model
+        self._vocab = lib.llama_model_get_vocab(model)
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = options.n_ctx_per_slot * options.n_slots
+        cparams.n_batch = options.n_batch
+        cparams.n_ubatch = options.n_batch
+        cparams.n_seq_max = options.n_slots
+        cparams.n_threads = options.n_threads
+        cparams.n_threads_batch = options.n_threads_batch
+        cparams.kv_unified = False
+        cparams.no_perf = True
+        ctx = lib.llama_init_from_model(model, cparams)
+        if not ctx:
+            lib.llama_model_free(model)
+            raise ModelLoadError(path, "llama.cpp could not create a context (out of memory?)")
+        self._ctx: Any = ctx
+        self._memory = lib.llama_get_memory(ctx)
+        self._batch: Any = lib.llama_batch_init(options.n_batch, 0, 1)
+        self._pieces: dict[int, bytes] = {}
+        metadata = self._read_metadata()
+        n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
+        self._n_vocab = n_vocab
+        self._bos_text = self._token_text(lib.llama_vocab_bos(self._vocab))
+        template = options.chat_template_override or metadata.get("tokenizer.chat_template")
+        self._template = ChatTemplate(
+            template,
+            bos_token=self._bos_text,
+            eos_token=self._token_text(lib.llama_vocab_eos(self._vocab)),
+        )
+        desc = ctypes.create_string_buffer(256)
+        lib.llama_model_desc(model, desc, 256)
+        self._facts = ModelFacts(
+            n_ctx_per_slot=int(lib.llama_n_ctx(ctx)) // options.n_slots,
+            n_slots=options.n_slots,
+            n_ctx_train=int(lib.llama_model_n_ctx_train(model)),
+            n_vocab=n_vocab,
+            description=desc.value.decode("utf-8", "replace"),
+            has_chat_template=template is not None,
+            metadata=metadata,
+        )
+        log.info(
+            "loaded %s: %s, %d slots x %d tokens",
+            path.name,
+            self._facts.description,
+            options.n_slots,
+            self._facts.n_ctx_per_slot,
+        )
+
+    @property
+    def facts(self) -> ModelFacts:
+        return self._facts
+
+    def _read_metadata(self) -> dict[str, str]:
+        lib, out = self._lib, {}
+        size = 8192
+        buf = ctypes.create_string_buffer(size)
+        for i in range(int(lib.llama_model_meta_count(self._model))):
+            n = lib.llama_model_meta_key_by_index(self._model, i, buf, size)
+            key = buf.value.decode("utf-8", "replace") if n >= 0 else ""
+            n = lib.llama_model_meta_val_str_by_index(self._model, i, buf, size)
+            if n >= size:  # a long value (chat templates are often > 8 KiB): retry with room
+                big = ctypes.create_string_buffer(n + 1)
+                lib.llama_model_meta_val_str_by_index(self._model, i, big, n + 1)
+                out[key] = big.value.decode("utf-8", "replace")
+            elif n >= 0:
+                out[key] = buf.value.decode("utf-8", "replace")
+        return out
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self._piece(token, special=True).decode("utf-8", "replace")
+
+    def _piece(self, token: int, *, special: bool) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self._lib.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._lib.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
+        return buf.raw[:n]
+
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        if add_special and self._bos_text and text.startswith(self._bos_text):
+            add_special = False  # the chat template already wrote BOS: never double it
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (self._lib.llama_token * cap)()
+        n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, True)
+        if n < 0:
+            cap = -n
+            buf = (self._lib.llama_token * cap)()
+            n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, True)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._piece(token, special=False)
+            self._pieces[token] = piece
+        return piece
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        return self._template.render(messages)
+
+    def new_sampler(self, params: SamplingParams) -> GgufSampler:
+        return GgufSampler(self._lib, self._ctx, self._n_vocab, params)
+
+    def decode(self, items: Sequence[BatchItem]) -> list[tuple[int, int]]:
+        batch = self._batch
+        total = sum(len(item.tokens) for item in items)
+        if total > self._options.n_batch:
+            raise DecodeError(f"batch of {total} tokens exceeds n_batch={self._options.n_batch}")
+        outputs: list[tuple[int, int]] = []
+        i = 0
+        for item in items:
+            last = len(item.tokens) - 1
+            for j, token in enumerate(item.tokens):
+                batch.token[i] = token
+                batch.pos[i] = item.start_pos + j
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = item.slot
+                wants = item.logits and j == last
+                batch.logits[i] = 1 if wants else 0
+                if wants:
+                    outputs.append((item.slot, i))
+                i += 1
+        batch.n_tokens = i
+        rc = self._lib.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise DecodeError(f"llama_decode returned {rc}", no_space=rc == 1)
+        return outputs
+
+    def clear_slot(self, slot: int) -> None:
+        self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
+
+    def close(self) -> None:
+        lib = self._lib
+        if self._batch is not None:
+            lib.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            lib.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            lib.llama_model_free(self._model)
+            self._model = None
+
+
+class GgufEngine:
+    """The ``gguf`` engine: loads GGUF files with llama.cpp."""
+
+    name = "gguf"
+
+    def load(self, path: Path, options: LoadOptions) -> GgufModel:
+        return GgufModel(path, options)

@@ -1,0 +1,173 @@
+"""Every client mistake gets OpenAI's error shape and the right status; the server stays up.
+
+The app runs in-process (FastAPI's TestClient) around a real scheduler with the real default
+model, with a small context and body limit so the limits are cheap to hit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from appliance.api.app import create_app
+from appliance.bootstrap import build_scheduler
+from appliance.config import Paths, Settings
+from appliance.scheduler import Scheduler
+from tests.conftest import DEFAULT_MODEL
+
+CTX = 256
+BODY_LIMIT = 4096
+
+
+@pytest.fixture(scope="module")
+def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scheduler]:
+    settings = Settings(ctx_size=CTX, parallel=2, threads=2, max_body_bytes=BODY_LIMIT)
+    sched = build_scheduler(settings, Paths(tmp_path_factory.mktemp("home")))
+    yield sched
+    sched.stop()
+
+
+@pytest.fixture(scope="module")
+def http(scheduler: Scheduler) -> Iterator[TestClient]:
+    app = create_app(scheduler, Settings(ctx_size=CTX, max_body_bytes=BODY_LIMIT))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
+
+
+def chat(**overrides: object) -> dict[str, object]:
+    body: dict[str, object] = {
+        "model": DEFAULT_MODEL,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 4,
+        "temperature": 0,
+    }
+    body.update(overrides)
+    return body
+
+
+def assert_error(resp, status: int, *, param: str | None = None, code: str | None = None) -> dict:  # type: ignore[no-untyped-def, type-arg]
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["message"]
+    if param is not None:
+        assert err["param"] == param
+    if code is not None:
+        assert err["code"] == code
+    assert resp.headers["x-request-id"]
+    return err  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("raw", [b"{bad json", b"[1, 2]", b"", b"null"])
+def test_malformed_json_is_400(http: TestClient, raw: bytes) -> None:
+    resp = http.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    err = assert_error(resp, 400)
+    assert err["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "param"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": None}, "messages"),
+        ({"temperature": 3}, "temperature"),
+        ({"top_p": -0.1}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"presence_penalty": 9}, "presence_penalty"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+        ({"model": ""}, "model"),
+        ({"stop": ["a"] * 17}, "stop"),
+        ({"n": 2}, "n"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages.0.content.0.type",
+        ),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ],
+)
+def test_invalid_parameters_are_400(http: TestClient, overrides: dict[str, object], param: str) -> None:
+    assert_error(http.post("/v1/chat/completions", json=chat(**overrides)), 400, param=param)
+
+
+def test_missing_model_field(http: TestClient) -> None:
+    body = chat()
+    del body["model"]
+    err = assert_error(http.post("/v1/chat/completions", json=body), 400, param="model")
+    assert "model" in err["message"]
+
+
+def test_unknown_model_is_404(http: TestClient) -> None:
+    assert_error(
+        http.post("/v1/chat/completions", json=chat(model="gpt-17")), 404, param="model", code="model_not_found"
+    )
+    assert_error(http.post("/v1/completions", json={"model": "gpt-17", "prompt": "x"}), 404, code="model_not_found")
+    assert_error(http.get("/v1/models/gpt-17"), 404, code="model_not_found")
+
+
+def test_prompt_longer_than_context_is_400(http: TestClient) -> None:
+    long_text = "hello " * (CTX * 2)
+    err = assert_error(
+        http.post("/v1/chat/completions", json=chat(messages=[{"role": "user", "content": long_text}])),
+        400,
+        code="context_length_exceeded",
+    )
+    assert str(CTX) in err["message"]
+    assert_error(
+        http.post("/v1/completions", json={"model": DEFAULT_MODEL, "prompt": long_text}),
+        400,
+        code="context_length_exceeded",
+    )
+    # prompt fits, but prompt + max_tokens does not
+    assert_error(http.post("/v1/chat/completions", json=chat(max_tokens=CTX)), 400, code="context_length_exceeded")
+
+
+def test_body_too_large_is_413(http: TestClient) -> None:
+    big = chat(messages=[{"role": "user", "content": "x" * (BODY_LIMIT * 2)}])
+    assert_error(http.post("/v1/chat/completions", json=big), 413, code="request_too_large")
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit is enforced while reading
+        yield b'{"model": "' + DEFAULT_MODEL.encode() + b'", "messages": [{"role": "user", "content": "'
+        for _ in range(BODY_LIMIT // 512 + 2):
+            yield b"y" * 512
+        yield b'"}]}'
+
+    resp = http.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert_error(resp, 413)
+
+
+def test_unsupported_completion_features(http: TestClient) -> None:
+    base = {"model": DEFAULT_MODEL, "prompt": "Hello", "max_tokens": 2}
+    assert_error(http.post("/v1/completions", json={**base, "prompt": []}), 400, param="prompt")
+    assert_error(http.post("/v1/completions", json={**base, "prompt": [10**9]}), 400)
+    assert_error(http.post("/v1/completions", json={**base, "suffix": "x"}), 400, param="suffix")
+    assert_error(http.post("/v1/completions", json={**base, "logprobs": 2}), 400, param="logprobs")
+    assert_error(http.post("/v1/completions", json={**base, "prompt": [1, 2], "echo": True}), 400, param="echo")
+
+
+def test_unknown_route_and_method(http: TestClient) -> None:
+    assert_error(http.get("/v1/nothing-here"), 404)
+    assert_error(http.get("/v1/chat/completions"), 405)
+
+
+def test_server_still_serves_after_errors(http: TestClient) -> None:
+    assert http.get("/health").json()["status"] == "ok"
+    resp = http.post("/v1/chat/completions", json=chat())
+    assert resp.status_code == 200
+    assert resp.json()["choices"][0]["message"]["content"]
+    assert resp.headers["x-request-id"] == resp.json()["id"]
+
+
+def test_api_key_enforced(scheduler: Scheduler) -> None:
+    app = create_app(scheduler, Settings(api_key="s3cret-key-1"))
+    with TestClient(app) as client:
+        assert_error(client.get("/v1/models"), 401, code="invalid_api_key")
+        assert_error(
+            client.get("/v1/models", headers={"Authorization": "Bearer wrong-key-1"}), 401, code="invalid_api_key"
+        )
+        assert_error(client.post("/v1/chat/completions", json=chat(), headers={"Authorization": "Basic abc"}), 401)
+        ok = client.get("/v1/models", headers={"Authorization": "Bearer s3cret-key-1"})
+        assert ok.status_code == 200
+        assert client.get("/health").status_code == 200  # liveness stays public
