@@ -109,10 +109,6 @@ class Generation:
     def cancel(self) -> None:
         self._cancel.set()
 
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
-
     async def events(self) -> AsyncIterator[Event]:
         """Yield text events, then exactly one ``FinishEvent``."""
         while True:

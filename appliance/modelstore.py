@@ -24,7 +24,7 @@ from tqdm import tqdm
 from appliance.config import Paths
 from appliance.registry import MODEL_ID_RE, ModelSpec, RegistryError, load_registry
 from engines.base import ModelLoadError
-from engines.ggufmeta import GgufInfo, read_gguf_info
+from engines.ggufmeta import read_gguf_info
 
 CHUNK = 1 << 20
 Progress = Callable[[int], None]
@@ -159,10 +159,3 @@ def verify_model_file(paths: Paths, spec: ModelSpec, *, check_sha256: bool = Tru
             )
         _remember_verified(paths, path, digest)
     return path
-
-
-def describe_file(path: Path) -> GgufInfo:
-    try:
-        return read_gguf_info(path)
-    except ModelLoadError as exc:
-        raise ModelFileError(str(exc)) from exc

@@ -14,11 +14,10 @@ import asyncio
 import dataclasses
 import logging
 import threading
-import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from appliance.generation import (
     ContextLengthError,
@@ -51,7 +50,6 @@ class _Job:
     max_tokens: int
     emit: Callable[[Event], None]
     cancel: threading.Event
-    enqueued: float = field(default_factory=time.monotonic)
 
 
 @dataclass

@@ -40,7 +40,7 @@ class Result:
 
 def one_stream(client: OpenAI, model: str, prompt: str, max_tokens: int) -> Result:
     start = time.perf_counter()
-    ttft, tokens, finish, usage = 0.0, 0, None, None
+    ttft, finish, usage = 0.0, None, None
     try:
         stream = client.chat.completions.create(
             model=model,

@@ -115,10 +115,6 @@ class Sampler(Protocol):
         """Pick the next token from the logits at ``output_index`` of the last decode."""
         ...
 
-    def accept(self, token: int) -> None:
-        """Record a token as part of the sequence (for penalties)."""
-        ...
-
     def close(self) -> None: ...
 
 

@@ -112,9 +112,6 @@ class GgufSampler:
         # llama_sampler_sample also accepts the token into the chain (penalty history).
         return int(self._lib.llama_sampler_sample(self._chain, self._ctx, output_index))
 
-    def accept(self, token: int) -> None:
-        self._lib.llama_sampler_accept(self._chain, token)
-
     def close(self) -> None:
         if self._chain is not None:
             self._lib.llama_sampler_free(self._chain)
