@@ -22,7 +22,7 @@ from appliance.api.app import create_app
 from appliance.config import Paths, Settings
 from appliance.modelstore import ModelFileError, verify_model_file
 from appliance.registry import ModelSpec, Registry, RegistryError, load_registry
-from appliance.scheduler import ModelRunner, Scheduler
+from appliance.scheduler import ModelRunner, RunnerConfig, Scheduler
 from engines.base import Engine, LoadOptions, ModelLoadError, SamplingParams
 from engines.gguf import GgufEngine
 
@@ -77,15 +77,18 @@ def load_runner(spec: ModelSpec, settings: Settings, paths: Paths, *, progress: 
         n_threads_batch=settings.threads,
         n_batch=settings.batch_size,
         chat_template_override=spec.chat_template,
+        flash_attn=settings.flash_attn,
     )
     model = ENGINES[spec.engine]().load(path, options)
-    return ModelRunner(
-        spec.id,
-        model,
+    config = RunnerConfig(
         n_batch=settings.batch_size,
         max_queue=settings.max_queue,
-        sampling_defaults=sampling_defaults(spec),
+        queue_timeout=settings.queue_timeout,
+        prefix_cache=settings.prefix_cache,
+        speculative=(settings.speculative or spec.speculative) == "prompt-lookup",
+        draft_max=spec.draft_max,
     )
+    return ModelRunner(spec.id, model, config, sampling_defaults=sampling_defaults(spec))
 
 
 def build_scheduler(settings: Settings, paths: Paths, registry: Registry | None = None) -> Scheduler:

@@ -32,10 +32,30 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         help="model id or alias to serve; repeat for several (default: the default model)",
     )
     p.add_argument("--ctx-size", "-c", type=int, help="context length per slot in tokens (default 4096)")
-    p.add_argument("--parallel", "-np", type=int, help="concurrent sequence slots per model (default 4)")
+    p.add_argument("--parallel", "-np", type=int, help="concurrent sequence slots per model (default 8)")
     p.add_argument("--threads", "-t", type=int, help="CPU threads (default: cores available)")
     p.add_argument("--batch-size", "-b", type=int, help="max tokens per decode step (default 512)")
     p.add_argument("--max-queue", type=int, help="requests that may wait for a slot before 503 (default 64)")
+    p.add_argument("--queue-timeout", type=float, help="seconds a request may wait for a slot (default 60)")
+    p.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        default=None,
+        help="do not reuse KV cache between requests sharing a prompt prefix",
+    )
+    p.add_argument(
+        "--no-flash-attn",
+        dest="flash_attn",
+        action="store_false",
+        default=None,
+        help="disable flash attention (slower batches; solo and batched answers identical at any length)",
+    )
+    p.add_argument(
+        "--speculative",
+        choices=["off", "prompt-lookup"],
+        help="speculative decoding for every model (default: per model, in models.toml)",
+    )
     p.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default 8 MiB)")
     p.add_argument(
         "--no-verify",
@@ -84,6 +104,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "threads",
         "batch_size",
         "max_queue",
+        "queue_timeout",
+        "prefix_cache",
+        "flash_attn",
+        "speculative",
         "max_body_bytes",
         "verify_sha256",
         "log_level",

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from engines.base import ChatMessage
 
-FinishReason = Literal["stop", "length", "cancelled", "error"]
+FinishReason = Literal["stop", "length", "cancelled", "timeout", "error"]
 
 
 class ApplianceError(Exception):
@@ -90,6 +90,8 @@ class FinishEvent:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    # prompt tokens whose KV came from the slot's prefix cache instead of being computed
+    cached_tokens: int = 0
 
 
 Event = TextEvent | FinishEvent

@@ -59,6 +59,8 @@ class ModelSpec(BaseModel):
     chat_template: str | None = None
     aliases: tuple[str, ...] = ()
     sampling: SamplingDefaults = SamplingDefaults()
+    speculative: Literal["off", "prompt-lookup"] = "off"
+    draft_max: int = Field(8, ge=1, le=64)
     source: str = "built-in"
 
     @model_validator(mode="after")

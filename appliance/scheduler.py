@@ -14,10 +14,11 @@ import asyncio
 import dataclasses
 import logging
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from appliance.generation import (
     ContextLengthError,
@@ -33,10 +34,27 @@ from appliance.generation import (
     UnknownModelError,
     thread_safe_emitter,
 )
+from appliance.speculative import NgramIndex
 from engines.base import BatchItem, EngineError, LoadedModel, Sampler, SamplingParams
 from engines.textstream import TextStream
 
 log = logging.getLogger(__name__)
+
+
+PREFILL_SHARE_WHILE_DECODING = 4  # while streams decode, a step prefills at most n_batch / this
+RATE_WINDOW_S = 10.0
+
+
+@dataclass
+class RunnerConfig:
+    """How a runner schedules: queue bounds, prefill chunking, caching and drafting."""
+
+    n_batch: int = 512
+    max_queue: int = 64
+    queue_timeout: float = 60.0
+    prefix_cache: bool = True
+    speculative: bool = False
+    draft_max: int = 8
 
 
 @dataclass
@@ -50,6 +68,21 @@ class _Job:
     max_tokens: int
     emit: Callable[[Event], None]
     cancel: threading.Event
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Slot:
+    """A sequence slot and what its KV cache still holds from the last request it served.
+
+    Only prompt tokens are remembered: their KV was computed in prompt chunks of at least
+    ``exact_chunk`` tokens, exactly as a fresh prefill computes it, so reusing it leaves answers
+    bit-identical. Generated tokens were decoded one by one, on another kernel path: not reused.
+    """
+
+    index: int
+    cached: list[int] = field(default_factory=list)
+    last_used: float = 0.0
 
 
 @dataclass
@@ -57,13 +90,15 @@ class _Sequence:
     """A job in a slot: its prompt progress, sampler and text stream."""
 
     job: _Job
-    slot: int
+    slot: _Slot
     sampler: Sampler
     text: TextStream
+    n_cached: int = 0
     n_prompt_done: int = 0
     n_past: int = 0
     pending: int | None = None
     completion_tokens: int = 0
+    ngrams: NgramIndex | None = None
 
     @property
     def prefilling(self) -> bool:
@@ -77,8 +112,36 @@ class RunnerStats:
     active: int
     queued: int
     requests_total: int
+    rejected_total: int
+    timeouts_total: int
     prompt_tokens_total: int
+    cached_prompt_tokens_total: int
+    cache_hits_total: int
     completion_tokens_total: int
+    draft_tokens_total: int
+    draft_accepted_total: int
+    tokens_per_second: float
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def prefill_chunk(remaining: int, budget: int, exact: int) -> int:
+    """How many prompt tokens of one sequence to evaluate now (0: wait for a later step).
+
+    Every chunk of a prompt of at least ``exact`` tokens holds at least ``exact`` tokens, and a
+    shorter prompt goes in one chunk: then the KV cache does not depend on how the prompt was cut
+    (see ``ModelFacts.exact_chunk``), so prefix-cached and fresh prompts give the same answer.
+    """
+    n = min(remaining, budget)
+    if n < remaining and remaining - n < exact:
+        n = remaining - exact
+    return n if n >= min(exact, remaining) and n > 0 else 0
 
 
 class ModelRunner:
@@ -88,24 +151,36 @@ class ModelRunner:
         self,
         model_id: str,
         model: LoadedModel,
+        config: RunnerConfig | None = None,
         *,
-        n_batch: int,
-        max_queue: int,
         sampling_defaults: SamplingParams | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.model_id = model_id
         self.model = model
+        self.config = config or RunnerConfig()
         self.sampling_defaults = sampling_defaults or SamplingParams()
-        self.n_batch = n_batch
-        self.max_queue = max_queue
+        self._clock = clock
         self._waiting: deque[_Job] = deque()
         self._active: dict[int, _Sequence] = {}
-        self._free_slots = list(range(model.facts.n_slots))
+        self._free: list[_Slot] = [_Slot(i) for i in range(model.facts.n_slots)]
         self._cond = threading.Condition()
         self._stopping = False
-        self._requests_total = 0
-        self._prompt_tokens_total = 0
-        self._completion_tokens_total = 0
+        self._counters = dict.fromkeys(
+            (
+                "requests",
+                "rejected",
+                "timeouts",
+                "prompt_tokens",
+                "cached_prompt_tokens",
+                "cache_hits",
+                "completion_tokens",
+                "draft_tokens",
+                "draft_accepted",
+            ),
+            0,
+        )
+        self._rate: deque[tuple[float, int]] = deque()
         self._thread = threading.Thread(target=self._run, name=f"decode-{model_id}", daemon=True)
 
     # ---- called from request threads -------------------------------------------------------
@@ -117,22 +192,40 @@ class ModelRunner:
             if self._stopping:
                 raise ShuttingDownError()
             # jobs not yet admitted will take the free slots first; beyond them, max_queue may wait
-            if len(self._waiting) >= self.max_queue + len(self._free_slots):
-                raise QueueFullError(self.model_id, len(self._waiting), retry_after=1)
+            if len(self._waiting) >= self.config.max_queue + len(self._free):
+                self._counters["rejected"] += 1
+                raise QueueFullError(self.model_id, len(self._waiting), retry_after=self._retry_after())
+            job.enqueued = self._clock()
             self._waiting.append(job)
-            self._requests_total += 1
+            self._counters["requests"] += 1
             self._cond.notify()
+
+    def _retry_after(self) -> int:
+        """Seconds until a slot is likely free: queue depth over the recent completion rate."""
+        return 1 if not self._active else max(1, min(60, len(self._waiting) // max(1, len(self._active))))
 
     def stats(self) -> RunnerStats:
         with self._cond:
+            c = self._counters
+            now = self._clock()
+            while self._rate and now - self._rate[0][0] > RATE_WINDOW_S:
+                self._rate.popleft()
+            rate = sum(n for _, n in self._rate) / RATE_WINDOW_S
             return RunnerStats(
                 model=self.model_id,
                 slots=self.model.facts.n_slots,
                 active=len(self._active),
                 queued=len(self._waiting),
-                requests_total=self._requests_total,
-                prompt_tokens_total=self._prompt_tokens_total,
-                completion_tokens_total=self._completion_tokens_total,
+                requests_total=c["requests"],
+                rejected_total=c["rejected"],
+                timeouts_total=c["timeouts"],
+                prompt_tokens_total=c["prompt_tokens"],
+                cached_prompt_tokens_total=c["cached_prompt_tokens"],
+                cache_hits_total=c["cache_hits"],
+                completion_tokens_total=c["completion_tokens"],
+                draft_tokens_total=c["draft_tokens"],
+                draft_accepted_total=c["draft_accepted"],
+                tokens_per_second=round(rate, 2),
             )
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -152,7 +245,10 @@ class ModelRunner:
                     self._cond.wait()
                 if self._stopping:
                     break
-                self._admit_locked()
+                self._expire_locked()
+                admitted = self._admit_locked()
+            for seq in admitted:
+                self.model.truncate_slot(seq.slot.index, seq.n_cached)
             self._drop_cancelled()
             if self._active:
                 try:
@@ -165,16 +261,55 @@ class ModelRunner:
                     self._fail_all("internal error in the decode loop")
         self._shutdown()
 
-    def _admit_locked(self) -> None:
-        while self._waiting and self._free_slots:
-            job = self._waiting.popleft()
+    def _expire_locked(self) -> None:
+        if not self._waiting:
+            return
+        now = self._clock()
+        keep: deque[_Job] = deque()
+        for job in self._waiting:
             if job.cancel.is_set():
                 job.emit(FinishEvent("cancelled", len(job.tokens), 0))
-                continue
-            slot = self._free_slots.pop(0)
-            self.model.clear_slot(slot)
+            elif now - job.enqueued > self.config.queue_timeout:
+                self._counters["timeouts"] += 1
+                message = f"no slot became free within the queue timeout of {self.config.queue_timeout:g} s"
+                job.emit(FinishEvent("timeout", len(job.tokens), 0, message))
+            else:
+                keep.append(job)
+        self._waiting = keep
+
+    def _admit_locked(self) -> list[_Sequence]:
+        admitted: list[_Sequence] = []
+        while self._waiting and self._free:
+            job = self._waiting.popleft()
+            slot, n_cached = self._pick_slot(job.tokens)
+            self._free.remove(slot)
             seq = _Sequence(job, slot, self.model.new_sampler(job.sampling), TextStream(job.request.stop))
-            self._active[slot] = seq
+            seq.n_cached = seq.n_prompt_done = seq.n_past = n_cached
+            if self.config.speculative:
+                seq.ngrams = NgramIndex(job.tokens)
+            self._active[slot.index] = seq
+            admitted.append(seq)
+        return admitted
+
+    def _pick_slot(self, tokens: list[int]) -> tuple[_Slot, int]:
+        """The free slot whose cache serves this prompt best, and how many tokens it saves.
+
+        The longest shared prefix wins when it covers at least half of that slot's cache or of
+        the prompt (a system prompt, earlier chat turns). A mere chat-template header in common is
+        not worth evicting another conversation's cache for: then an empty slot, or the one unused
+        the longest, is taken.
+        """
+        fallback = min(self._free, key=lambda s: (bool(s.cached), s.last_used))
+        chosen, n = fallback, 0
+        if self.config.prefix_cache:
+            best, best_n = max(((s, common_prefix(s.cached, tokens)) for s in self._free), key=lambda p: p[1])
+            if best_n and 2 * best_n >= min(len(best.cached), len(tokens)):
+                chosen, n = best, best_n
+            else:
+                n = common_prefix(fallback.cached, tokens)
+        # evaluate at least one exact chunk: the last chunk must also produce the first logits
+        exact = self.model.facts.exact_chunk
+        return chosen, max(0, min(n, len(tokens) - exact)) if len(tokens) > exact else 0
 
     def _drop_cancelled(self) -> None:
         for seq in list(self._active.values()):
@@ -182,37 +317,84 @@ class ModelRunner:
                 self._finish(seq, "cancelled")
 
     def _step(self) -> None:
-        items: list[BatchItem] = []
-        budget = self.n_batch
-        for seq in self._active.values():
-            if seq.pending is not None:
-                items.append(BatchItem(seq.slot, (seq.pending,), seq.n_past, True))
-                budget -= 1
-        for seq in self._active.values():
-            if budget <= 0:
-                break
-            if seq.prefilling:
-                start = seq.n_prompt_done
-                chunk = seq.job.tokens[start : start + budget]
-                done = start + len(chunk) == len(seq.job.tokens)
-                items.append(BatchItem(seq.slot, chunk, start, done))
-                budget -= len(chunk)
-        outputs = self.model.decode(items)
-        for item in items:
-            seq = self._active[item.slot]
-            if seq.prefilling:
-                seq.n_prompt_done += len(item.tokens)
-            seq.n_past += len(item.tokens)
-            seq.pending = None
-        for slot, index in outputs:
-            seq = self._active[slot]
-            self._on_token(seq, seq.sampler.sample(index))
+        """One decode of every generating sequence, then prompt chunks, each in its own call.
 
-    def _on_token(self, seq: _Sequence, token: int) -> None:
+        A prompt chunk gets a ``llama_decode`` call of its own: llama.cpp splits a batch into
+        micro-batches with the same number of tokens per sequence, which would cut a chunk that
+        shares a call with other sequences into pieces the caller does not choose.
+        """
+        generated = 0
+        budget = self.config.n_batch
+        decoding = [seq for seq in self._active.values() if seq.pending is not None]
+        if decoding:
+            items, drafts = [], []
+            budget -= len(decoding)
+            for seq in decoding:
+                assert seq.pending is not None
+                draft = self._draft(seq, budget)
+                budget -= len(draft)
+                drafts.append(draft)
+                items.append(BatchItem(seq.slot.index, (seq.pending, *draft), seq.n_past, 1 + len(draft)))
+            outputs = self.model.decode(items)
+            for seq, indices, draft in zip(decoding, outputs, drafts, strict=True):
+                generated += self._accept(seq, indices, draft)
+            exact = self.model.facts.exact_chunk
+            share = max(2 * exact, self.config.n_batch // PREFILL_SHARE_WHILE_DECODING)
+            budget = min(self.config.n_batch, share)
+        for seq in [s for s in self._active.values() if s.prefilling]:
+            start = seq.n_prompt_done
+            n = prefill_chunk(len(seq.job.tokens) - start, budget, self.model.facts.exact_chunk)
+            if n == 0:
+                continue
+            done = start + n == len(seq.job.tokens)
+            chunk = BatchItem(seq.slot.index, seq.job.tokens[start : start + n], start, 1 if done else 0)
+            budget -= n
+            (indices,) = self.model.decode([chunk])
+            seq.n_prompt_done += n
+            seq.n_past += n
+            if done:
+                generated += self._accept(seq, indices, [])
+        with self._cond:
+            self._rate.append((self._clock(), generated))
+
+    def _draft(self, seq: _Sequence, budget: int) -> list[int]:
+        if seq.ngrams is None or budget <= 0:
+            return []
+        room = min(self.config.draft_max, budget, seq.job.max_tokens - seq.completion_tokens - 1)
+        room = min(room, self.model.facts.n_ctx_per_slot - seq.n_past - 1)
+        return seq.ngrams.draft(room)
+
+    def _accept(self, seq: _Sequence, indices: list[int], draft: list[int]) -> int:
+        """Sample the outputs of one item in order, keeping drafts while the sampler agrees."""
+        base = seq.n_past if seq.pending is None else seq.n_past + 1  # KV now holds pending too
+        seq.pending = None
+        kept = 0
+        for i, index in enumerate(indices):
+            token = seq.sampler.sample(index)
+            if not self._on_token(seq, token):
+                break  # finished: its slot is already released
+            if i < len(draft) and token == draft[i]:
+                kept += 1
+                continue
+            break
+        if draft:
+            with self._cond:
+                self._counters["draft_tokens"] += len(draft)
+                self._counters["draft_accepted"] += kept
+        if seq.slot.index in self._active:
+            seq.n_past = base + kept
+            if kept < len(draft):
+                self.model.truncate_slot(seq.slot.index, seq.n_past)  # drop the rejected drafts' KV
+        return kept + 1
+
+    def _on_token(self, seq: _Sequence, token: int) -> bool:
+        """Hand one sampled token to the request; False once the sequence has finished."""
         if self.model.is_end_of_generation(token):
             self._finish(seq, "stop")
-            return
+            return False
         seq.completion_tokens += 1
+        if seq.ngrams is not None:
+            seq.ngrams.append(token)
         delta = seq.text.feed(self.model.token_bytes(token))
         if delta.text:
             seq.job.emit(TextEvent(delta.text))
@@ -222,21 +404,32 @@ class ModelRunner:
             self._finish(seq, "length")
         else:
             seq.pending = token
+            return True
+        return False
 
     def _finish(self, seq: _Sequence, reason: FinishReason, error: str | None = None) -> None:
         if reason in ("stop", "length"):
             tail = seq.text.finish()
             if tail.text:
                 seq.job.emit(TextEvent(tail.text))
-        seq.job.emit(FinishEvent(reason, len(seq.job.tokens), seq.completion_tokens, error))
+        job = seq.job
+        job.emit(FinishEvent(reason, len(job.tokens), seq.completion_tokens, error, seq.n_cached))
         seq.sampler.close()
-        self.model.clear_slot(seq.slot)
+        slot = seq.slot
+        # a prompt shorter than one exact chunk was computed on the other kernel path: not reusable
+        usable = reason != "error" and seq.n_prompt_done >= self.model.facts.exact_chunk
+        slot.cached = job.tokens[: seq.n_prompt_done] if usable else []
+        slot.last_used = self._clock()
+        if not slot.cached:
+            self.model.truncate_slot(slot.index, 0)
         with self._cond:
-            del self._active[seq.slot]
-            self._free_slots.append(seq.slot)
-            self._free_slots.sort()
-            self._prompt_tokens_total += len(seq.job.tokens)
-            self._completion_tokens_total += seq.completion_tokens
+            del self._active[slot.index]
+            self._free.append(slot)
+            c = self._counters
+            c["prompt_tokens"] += len(job.tokens)
+            c["cached_prompt_tokens"] += seq.n_cached
+            c["cache_hits"] += 1 if seq.n_cached else 0
+            c["completion_tokens"] += seq.completion_tokens
 
     def _fail_all(self, message: str) -> None:
         for seq in list(self._active.values()):

@@ -72,6 +72,11 @@ class LoadOptions:
     n_batch: int = 512
     n_gpu_layers: int = 0
     chat_template_override: str | None = None
+    # On, as llama-server's "auto" does on CPU: it decodes batches ~25% faster here. Its CPU
+    # kernel decodes a lone sequence with >= 512 KV cells by splitting the cells across threads,
+    # which rounds differently from the batched kernel: a temperature-0 answer alone can then
+    # differ (near-ties only) from the same request among others. Off, they are always identical.
+    flash_attn: bool = True
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,9 @@ class ModelFacts:
     description: str
     has_chat_template: bool
     metadata: dict[str, str] = field(default_factory=dict)
+    # Prompt chunks of at least this many tokens of one sequence are computed bit-identically
+    # however a prompt is cut into them; the scheduler's exact prefix caching relies on it.
+    exact_chunk: int = 2
 
 
 @dataclass(frozen=True)
@@ -99,13 +107,14 @@ class ChatMessage:
 class BatchItem:
     """Tokens of one sequence to evaluate in the next ``decode`` call.
 
-    ``logits`` asks for the distribution after the last token, needed to sample the next one.
+    ``n_outputs`` asks for the distributions after the last ``n_outputs`` tokens: 1 to sample the
+    next token, more to verify speculative draft tokens, 0 for a prompt chunk that is not the last.
     """
 
     slot: int
     tokens: Sequence[int]
     start_pos: int
-    logits: bool
+    n_outputs: int
 
 
 class Sampler(Protocol):
@@ -140,12 +149,12 @@ class LoadedModel(Protocol):
 
     def new_sampler(self, params: SamplingParams) -> Sampler: ...
 
-    def decode(self, items: Sequence[BatchItem]) -> list[tuple[int, int]]:
-        """Evaluate one batch; returns ``(slot, output_index)`` for items that asked for logits."""
+    def decode(self, items: Sequence[BatchItem]) -> list[list[int]]:
+        """Evaluate one batch; returns, per item, the output indices of the logits it asked for."""
         ...
 
-    def clear_slot(self, slot: int) -> None:
-        """Forget a slot's KV cache so the slot can serve a new sequence."""
+    def truncate_slot(self, slot: int, n_keep: int) -> None:
+        """Keep the KV of a slot's first ``n_keep`` positions and forget the rest (0 clears it)."""
         ...
 
     def close(self) -> None: ...

@@ -75,6 +75,18 @@ def _llama() -> Any:
     return llama_cpp
 
 
+def _exact_chunk(flash_attn: bool) -> int:
+    """The smallest per-sequence prompt chunk whose rows llama.cpp's CPU kernels compute the same
+    way whatever the chunk's size.
+
+    With flash attention, ggml's CPU kernel switches to a tiled algorithm for >= 64 queries
+    (GGML_FA_TILE_Q); without it, the attention matmuls take another path for a single query.
+    Rows computed on one path are the same however they are grouped; across paths they differ in
+    the last bits, enough to change a temperature-0 answer. Measured: tests/test_batching.py.
+    """
+    return 64 if flash_attn else 2
+
+
 class GgufSampler:
     """One sequence's llama.cpp sampler chain (penalties -> top-k -> top-p -> min-p -> temp -> dist)."""
 
@@ -141,6 +153,7 @@ class GgufModel:
         cparams.n_threads = options.n_threads
         cparams.n_threads_batch = options.n_threads_batch
         cparams.kv_unified = False
+        cparams.flash_attn_type = 1 if options.flash_attn else 0  # LLAMA_FLASH_ATTN_TYPE_ENABLED/DISABLED
         cparams.no_perf = True
         ctx = lib.llama_init_from_model(model, cparams)
         if not ctx:
@@ -170,6 +183,7 @@ class GgufModel:
             description=desc.value.decode("utf-8", "replace"),
             has_chat_template=template is not None,
             metadata=metadata,
+            exact_chunk=_exact_chunk(options.flash_attn),
         )
         log.info(
             "loaded %s: %s, %d slots x %d tokens",
@@ -241,33 +255,35 @@ class GgufModel:
     def new_sampler(self, params: SamplingParams) -> GgufSampler:
         return GgufSampler(self._lib, self._ctx, self._n_vocab, params)
 
-    def decode(self, items: Sequence[BatchItem]) -> list[tuple[int, int]]:
+    def decode(self, items: Sequence[BatchItem]) -> list[list[int]]:
         batch = self._batch
         total = sum(len(item.tokens) for item in items)
         if total > self._options.n_batch:
             raise DecodeError(f"batch of {total} tokens exceeds n_batch={self._options.n_batch}")
-        outputs: list[tuple[int, int]] = []
+        outputs: list[list[int]] = []
         i = 0
         for item in items:
-            last = len(item.tokens) - 1
+            first_output = len(item.tokens) - item.n_outputs
+            indices: list[int] = []
             for j, token in enumerate(item.tokens):
                 batch.token[i] = token
                 batch.pos[i] = item.start_pos + j
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = item.slot
-                wants = item.logits and j == last
+                wants = j >= first_output
                 batch.logits[i] = 1 if wants else 0
                 if wants:
-                    outputs.append((item.slot, i))
+                    indices.append(i)
                 i += 1
+            outputs.append(indices)
         batch.n_tokens = i
         rc = self._lib.llama_decode(self._ctx, batch)
         if rc != 0:
             raise DecodeError(f"llama_decode returned {rc}", no_space=rc == 1)
         return outputs
 
-    def clear_slot(self, slot: int) -> None:
-        self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
+    def truncate_slot(self, slot: int, n_keep: int) -> None:
+        self._lib.llama_memory_seq_rm(self._memory, slot, n_keep if n_keep > 0 else -1, -1)
 
     def close(self) -> None:
         lib = self._lib

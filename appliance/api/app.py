@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from appliance import __version__
 from appliance.api.edge import EdgeMiddleware
 from appliance.api.errors import install_error_handlers
+from appliance.api.metrics import metrics_registry
 from appliance.api.routes import router, v1
 from appliance.config import Settings
 from appliance.scheduler import Scheduler
@@ -27,6 +28,7 @@ def create_app(scheduler: Scheduler, settings: Settings) -> FastAPI:
     app.state.scheduler = scheduler
     app.state.settings = settings
     app.state.started = int(time.time())
+    app.state.metrics = metrics_registry(scheduler)
     app.include_router(router)
     app.include_router(v1)
     install_error_handlers(app)

@@ -6,11 +6,12 @@ named, so a client learns at once instead of getting a silently different answer
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from appliance.api.errors import APIError
-from appliance.api.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
-from appliance.generation import GenerationRequest
+from appliance.api.protocol import ChatCompletionRequest, CompletionRequest, PromptTokensDetails, Usage, _Sampling
+from appliance.generation import FinishEvent, GenerationRequest
 from engines.base import ChatMessage
 
 MAX_STOP = 16
@@ -123,3 +124,15 @@ def completion_requests(req: CompletionRequest) -> list[GenerationRequest]:
     if len(lists) != len(prompt) or any(not p for p in lists):
         raise APIError(400, "prompt must be a string, a list of strings, or non-empty token lists.", param="prompt")
     return [GenerationRequest(prompt_tokens=tuple(p), **common) for p in lists]
+
+
+def usage(finishes: Sequence[FinishEvent]) -> Usage:
+    """Token counts of one response (several finishes for a multi-prompt completion)."""
+    prompt = sum(f.prompt_tokens for f in finishes)
+    completion = sum(f.completion_tokens for f in finishes)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(f.cached_tokens for f in finishes)),
+    )

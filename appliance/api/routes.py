@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from appliance.api import convert
 from appliance.api.edge import request_id, require_api_key, set_response_id
 from appliance.api.errors import APIError
+from appliance.api.metrics import render
 from appliance.api.protocol import (
     ChatChoice,
     ChatCompletion,
@@ -21,7 +22,6 @@ from appliance.api.protocol import (
     CompletionRequest,
     ModelCard,
     ModelList,
-    Usage,
 )
 from appliance.api.streaming import (
     cancel_on_disconnect,
@@ -47,15 +47,24 @@ def _raise_if_failed(finish: FinishEvent) -> None:
     if error is not None:
         detail = error["error"]
         status = 500 if finish.finish_reason == "error" else 503
-        raise APIError(status, detail["message"], type=detail["type"], code=detail["code"])
+        headers = {"Retry-After": "5"} if status == 503 else None
+        raise APIError(status, detail["message"], type=detail["type"], code=detail["code"], headers=headers)
 
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
+    """Liveness plus the load: slots, queue depth, tokens/s, prefix-cache and draft counters."""
     scheduler = _scheduler(request)
     status = "ok" if scheduler.accepting else "shutting_down"
     body = {"status": status, "models": [vars(s) for s in scheduler.stats()]}
     return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+
+@router.get("/metrics", dependencies=[Depends(require_api_key)])
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition of the same figures."""
+    body, content_type = render(request.app.state.metrics)
+    return Response(body, media_type=content_type)
 
 
 @v1.get("/models")
@@ -88,11 +97,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         created=created,
         model=gen.model,
         choices=[ChatChoice(index=0, message=ChatMessageOut(content=text), finish_reason=finish.finish_reason)],
-        usage=Usage(
-            prompt_tokens=finish.prompt_tokens,
-            completion_tokens=finish.completion_tokens,
-            total_tokens=finish.prompt_tokens + finish.completion_tokens,
-        ),
+        usage=convert.usage([finish]),
     )
 
 
@@ -130,8 +135,6 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
             results.append(await gen.collect())
     for _, finish in results:
         _raise_if_failed(finish)
-    prompt_tokens = sum(f.prompt_tokens for _, f in results)
-    completion_tokens = sum(f.completion_tokens for _, f in results)
     choices: list[Any] = [
         CompletionChoice(index=i, text=echo[i] + text, finish_reason=finish.finish_reason)
         for i, (text, finish) in enumerate(results)
@@ -141,9 +144,5 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
         created=created,
         model=gens[0].model,
         choices=choices,
-        usage=Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        ),
+        usage=convert.usage([f for _, f in results]),
     )

@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from appliance.api.convert import usage
 from appliance.api.errors import error_body
 from appliance.generation import Event, FinishEvent, Generation, TextEvent
 
@@ -29,19 +30,14 @@ def sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0},
-    }
-
-
 def finish_error(finish: FinishEvent) -> dict[str, Any] | None:
     """The error event for a generation that did not end normally, if any."""
     if finish.finish_reason == "error":
         return error_body(500, f"Generation failed: {finish.error}", type="server_error", code="generation_failed")
+    if finish.finish_reason == "timeout":
+        return error_body(
+            503, f"The request timed out waiting: {finish.error}.", type="server_error", code="queue_timeout"
+        )
     if finish.finish_reason == "cancelled":
         return error_body(
             503,
@@ -142,7 +138,7 @@ async def chat_chunks(gen: Generation, *, created: int, include_usage: bool) -> 
                     "model": gen.model,
                     "system_fingerprint": None,
                     "choices": [],
-                    "usage": usage_dict(event.prompt_tokens, event.completion_tokens),
+                    "usage": usage([event]).model_dump(),
                 }
             )
     yield DONE
@@ -167,7 +163,7 @@ async def completion_chunks(
     for index, prefix in enumerate(echo):
         if prefix:
             yield chunk(index, prefix)
-    prompt_tokens = completion_tokens = 0
+    finishes: list[FinishEvent] = []
     async for index, event in merged_events(gens):
         if isinstance(event, TextEvent):
             yield chunk(index, event.text)
@@ -176,8 +172,7 @@ async def completion_chunks(
         if error is not None:
             yield sse(error)
             return
-        prompt_tokens += event.prompt_tokens
-        completion_tokens += event.completion_tokens
+        finishes.append(event)
         yield chunk(index, "", event.finish_reason)
     if include_usage:
         yield sse(
@@ -188,7 +183,7 @@ async def completion_chunks(
                 "model": gens[0].model,
                 "system_fingerprint": None,
                 "choices": [],
-                "usage": usage_dict(prompt_tokens, completion_tokens),
+                "usage": usage(finishes).model_dump(),
             }
         )
     yield DONE
