@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from appliance import __version__
-from appliance.config import DEFAULT_PORT, ConfigError, app_paths, load_settings
+from appliance.config import DEFAULT_PORT, ConfigError, Settings, app_paths, load_settings
+
+
+def _switch_off(p: argparse.ArgumentParser, flag: str, dest: str, help: str) -> None:
+    """A ``--no-...`` flag: None when absent, so lower-precedence sources still apply."""
+    p.add_argument(flag, dest=dest, action="store_false", default=None, help=help)
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -37,19 +42,14 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", "-b", type=int, help="max tokens per decode step (default 512)")
     p.add_argument("--max-queue", type=int, help="requests that may wait for a slot before 503 (default 64)")
     p.add_argument("--queue-timeout", type=float, help="seconds a request may wait for a slot (default 60)")
-    p.add_argument(
-        "--no-prefix-cache",
-        dest="prefix_cache",
-        action="store_false",
-        default=None,
-        help="do not reuse KV cache between requests sharing a prompt prefix",
+    _switch_off(
+        p, "--no-prefix-cache", "prefix_cache", "do not reuse KV cache between requests sharing a prompt prefix"
     )
-    p.add_argument(
+    _switch_off(
+        p,
         "--no-flash-attn",
-        dest="flash_attn",
-        action="store_false",
-        default=None,
-        help="disable flash attention (slower batches; solo and batched answers identical at any length)",
+        "flash_attn",
+        "disable flash attention (slower batches; solo and batched answers identical at any length)",
     )
     p.add_argument(
         "--speculative",
@@ -57,13 +57,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         help="speculative decoding for every model (default: per model, in models.toml)",
     )
     p.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default 8 MiB)")
-    p.add_argument(
-        "--no-verify",
-        dest="verify_sha256",
-        action="store_false",
-        default=None,
-        help="skip the sha256 check of model files",
-    )
+    _switch_off(p, "--no-verify", "verify_sha256", "skip the sha256 check of model files")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
@@ -94,25 +88,8 @@ def _fail(message: str) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from appliance.bootstrap import StartupError, serve
 
-    keys = (
-        "host",
-        "port",
-        "socket",
-        "api_key",
-        "ctx_size",
-        "parallel",
-        "threads",
-        "batch_size",
-        "max_queue",
-        "queue_timeout",
-        "prefix_cache",
-        "flash_attn",
-        "speculative",
-        "max_body_bytes",
-        "verify_sha256",
-        "log_level",
-    )
-    overrides: dict[str, Any] = {k: getattr(args, k) for k in keys}
+    # every serve flag's dest is a Settings field name
+    overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
     overrides["models"] = tuple(args.models) if args.models else None
     paths = app_paths()
     settings = load_settings(paths, overrides)

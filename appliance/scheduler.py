@@ -201,12 +201,11 @@ class ModelRunner:
             self._cond.notify()
 
     def _retry_after(self) -> int:
-        """Seconds until a slot is likely free: queue depth over the recent completion rate."""
+        """A hint for clients: about one second per queued request per running one, 1..60 s."""
         return 1 if not self._active else max(1, min(60, len(self._waiting) // max(1, len(self._active))))
 
     def stats(self) -> RunnerStats:
         with self._cond:
-            c = self._counters
             now = self._clock()
             while self._rate and now - self._rate[0][0] > RATE_WINDOW_S:
                 self._rate.popleft()
@@ -216,15 +215,7 @@ class ModelRunner:
                 slots=self.model.facts.n_slots,
                 active=len(self._active),
                 queued=len(self._waiting),
-                requests_total=c["requests"],
-                rejected_total=c["rejected"],
-                timeouts_total=c["timeouts"],
-                prompt_tokens_total=c["prompt_tokens"],
-                cached_prompt_tokens_total=c["cached_prompt_tokens"],
-                cache_hits_total=c["cache_hits"],
-                completion_tokens_total=c["completion_tokens"],
-                draft_tokens_total=c["draft_tokens"],
-                draft_accepted_total=c["draft_accepted"],
+                **{f"{name}_total": value for name, value in self._counters.items()},
                 tokens_per_second=round(rate, 2),
             )
 
@@ -325,6 +316,7 @@ class ModelRunner:
         """
         generated = 0
         budget = self.config.n_batch
+        exact = self.model.facts.exact_chunk
         decoding = [seq for seq in self._active.values() if seq.pending is not None]
         if decoding:
             items, drafts = [], []
@@ -338,12 +330,11 @@ class ModelRunner:
             outputs = self.model.decode(items)
             for seq, indices, draft in zip(decoding, outputs, drafts, strict=True):
                 generated += self._accept(seq, indices, draft)
-            exact = self.model.facts.exact_chunk
             share = max(2 * exact, self.config.n_batch // PREFILL_SHARE_WHILE_DECODING)
             budget = min(self.config.n_batch, share)
         for seq in [s for s in self._active.values() if s.prefilling]:
             start = seq.n_prompt_done
-            n = prefill_chunk(len(seq.job.tokens) - start, budget, self.model.facts.exact_chunk)
+            n = prefill_chunk(len(seq.job.tokens) - start, budget, exact)
             if n == 0:
                 continue
             done = start + n == len(seq.job.tokens)
