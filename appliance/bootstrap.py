@@ -22,6 +22,9 @@ from appliance.api.app import create_app
 from appliance.config import Paths, Settings
 from appliance.modelstore import ModelFileError, verify_model_file
 from appliance.registry import ModelSpec, Registry, RegistryError, load_registry
+from appliance.requestlog.redact import Redactor
+from appliance.requestlog.schema import LogDatabaseError, connect
+from appliance.requestlog.writer import DisabledLog, LogWriter, Retention
 from appliance.scheduler import ModelRunner, RunnerConfig, Scheduler
 from engines.base import Engine, LoadOptions, ModelLoadError, SamplingParams
 from engines.gguf import GgufEngine
@@ -88,7 +91,34 @@ def load_runner(spec: ModelSpec, settings: Settings, paths: Paths, *, progress: 
         speculative=(settings.speculative or spec.speculative) == "prompt-lookup",
         draft_max=spec.draft_max,
     )
-    return ModelRunner(spec.id, model, config, sampling_defaults=sampling_defaults(spec))
+    provenance = {
+        "model_sha256": spec.sha256,
+        "quantization": model.facts.quantization or spec.quantization,
+        "engine": spec.engine,
+        "backend": "llama.cpp" if spec.engine == "gguf" else spec.engine,
+        "device": model.facts.backend,
+    }
+    return ModelRunner(spec.id, model, config, sampling_defaults=sampling_defaults(spec), provenance=provenance)
+
+
+def build_request_log(settings: Settings, paths: Paths) -> LogWriter | DisabledLog:
+    """The request log writer, or its stand-in with --no-log; says at start-up which it is."""
+    if not settings.log_requests:
+        log.info("request log: off (--no-log)")
+        return DisabledLog()
+    path = settings.log_file or paths.log_file
+    try:
+        connect(path).conn.close()  # surface a bad path or a newer schema now, in plain words
+    except LogDatabaseError as exc:
+        log.error("%s; records are kept in memory until it can be written", exc)
+    retention = Retention(
+        max_age_days=settings.log_max_age_days,
+        max_rows=settings.log_max_rows,
+        max_bytes=int(settings.log_max_mb * (1 << 20)) if settings.log_max_mb else None,
+    )
+    redactor = Redactor(settings.log_redact, builtin=settings.log_redact_builtin)
+    log.info("request log: on, every exchange is recorded in %s (--no-log turns it off)", path)
+    return LogWriter(path, redactor, max_pending=settings.log_buffer, retention=retention)
 
 
 def build_scheduler(settings: Settings, paths: Paths, registry: Registry | None = None) -> Scheduler:
@@ -144,12 +174,13 @@ def serve(settings: Settings, paths: Paths) -> None:
     """Load the models, listen, serve until SIGINT/SIGTERM, then shut down cleanly."""
     check_exposure(settings)
     scheduler = build_scheduler(settings, paths)
+    request_log = build_request_log(settings, paths)
     sockets: list[socket.socket] = []
     try:
         sockets.append(tcp_socket(settings.host, settings.port))
         if settings.socket:
             sockets.append(unix_socket(settings.socket))
-        app = create_app(scheduler, settings)
+        app = create_app(scheduler, settings, request_log)
         config = uvicorn.Config(
             app,
             log_config=None,
@@ -168,6 +199,7 @@ def serve(settings: Settings, paths: Paths) -> None:
         server.run(sockets=sockets)
     finally:
         scheduler.stop()
+        request_log.close()  # after the scheduler: the last exchanges' records are in by then
         for sock in sockets:
             sock.close()
         if settings.socket:

@@ -1,4 +1,4 @@
-"""Argument parsing only: ``appliance --serve``, ``appliance serve``, ``appliance models ...``.
+"""Argument parsing only: ``appliance --serve``, ``appliance serve``, ``appliance models|logs ...``.
 
 Each command hands off to the module that owns the work; user-facing failures print one clear
 line and exit 1, never a traceback.
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from appliance import __version__
+from appliance import __version__, logs_cli
 from appliance.config import DEFAULT_PORT, ConfigError, Settings, app_paths, load_settings
 
 
@@ -56,6 +56,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         choices=["off", "prompt-lookup"],
         help="speculative decoding for every model (default: per model, in models.toml)",
     )
+    _switch_off(p, "--no-log", "log_requests", "do not record exchanges in the request log")
+    p.add_argument("--log-file", type=Path, help="request log database (default: requests.sqlite in the home)")
+    p.add_argument("--log-max-age-days", type=float, help="delete logged exchanges older than this")
+    p.add_argument("--log-max-rows", type=int, help="keep at most this many logged exchanges")
+    p.add_argument("--log-max-mb", type=float, help="keep the request log under this size")
     p.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default 8 MiB)")
     _switch_off(p, "--no-verify", "verify_sha256", "skip the sha256 check of model files")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -77,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp = msub.add_parser("import", help="import a GGUF file into the model store")
     imp.add_argument("file", type=Path)
     imp.add_argument("--id", dest="model_id", help="model id (default: from the file name)")
+    logs_cli.add_parser(sub)
     return parser
 
 
@@ -161,6 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_serve(args)
         if args.command == "models":
             return _cmd_models(args)
+        if args.command == "logs":
+            return logs_cli.run(args, app_paths())
+    except logs_cli.LogsCommandError as exc:
+        return _fail(str(exc))
     except ConfigError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:

@@ -8,13 +8,14 @@ variables < command-line flags. The home directory (platformdirs' user data dir,
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from platformdirs import user_data_dir
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PORT = 8484
 ENV_PREFIX = "APPLIANCE_"
@@ -68,6 +69,20 @@ class Settings(BaseModel):
     speculative: Literal["off", "prompt-lookup"] | None = Field(
         None, description="Speculative decoding for every model; default: each model's own setting in models.toml."
     )
+    log_requests: bool = Field(True, description="Record every exchange in the request log (SQLite) for fine-tuning.")
+    log_file: Path | None = Field(None, description="The request log database; default: requests.sqlite in the home.")
+    log_redact: tuple[str, ...] = Field(
+        (), description="Extra regular expressions whose matches are redacted before a record is written."
+    )
+    log_redact_builtin: bool = Field(
+        True, description="Redact e-mail addresses, bearer tokens and API keys before a record is written."
+    )
+    log_max_age_days: float | None = Field(None, gt=0, description="Delete logged exchanges older than this.")
+    log_max_rows: int | None = Field(None, ge=1, description="Keep at most this many logged exchanges.")
+    log_max_mb: float | None = Field(None, gt=0, description="Keep the request log under this many MiB.")
+    log_buffer: int = Field(
+        10_000, ge=1, description="Records kept in memory while the log cannot be written; beyond, dropped."
+    )
     max_body_bytes: int = Field(8 << 20, ge=1024, description="Largest accepted request body; larger gets 413.")
     shutdown_timeout: float = Field(10.0, ge=0, le=3600, description="Seconds running streams get to finish on stop.")
     verify_sha256: bool = Field(True, description="Check model files against models.toml (cached per file).")
@@ -78,6 +93,16 @@ class Settings(BaseModel):
         if self.batch_size < self.parallel:
             raise ValueError(f"batch_size ({self.batch_size}) must be at least parallel ({self.parallel})")
         return self
+
+    @field_validator("log_redact")
+    @classmethod
+    def _patterns_compile(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from exc
+        return patterns
 
     @property
     def is_loopback(self) -> bool:
@@ -103,6 +128,10 @@ class Paths:
         return self.home / "config.toml"
 
     @property
+    def log_file(self) -> Path:
+        return self.home / "requests.sqlite"
+
+    @property
     def verified_file(self) -> Path:
         return self.home / "verified.json"
 
@@ -120,6 +149,8 @@ def _from_env() -> dict[str, Any]:
             continue
         if name == "models":
             values[name] = tuple(m.strip() for m in raw.split(",") if m.strip())
+        elif name == "log_redact":  # one pattern per line: a regex may well contain commas
+            values[name] = tuple(line for line in raw.splitlines() if line.strip())
         elif field.annotation is bool:
             values[name] = raw.strip().lower() in ("1", "true", "yes", "on")
         else:

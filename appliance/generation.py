@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -107,26 +108,35 @@ class Generation:
     _queue: asyncio.Queue[Event] = field(repr=False)
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     finish: FinishEvent | None = None
+    # what was consumed so far, for the request log: the text and when its first piece came
+    parts: list[str] = field(default_factory=list, repr=False)
+    first_text_at: float | None = None  # time.monotonic()
 
     def cancel(self) -> None:
         self._cancel.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
 
     async def events(self) -> AsyncIterator[Event]:
         """Yield text events, then exactly one ``FinishEvent``."""
         while True:
             event = await self._queue.get()
+            if isinstance(event, TextEvent):
+                if self.first_text_at is None:
+                    self.first_text_at = time.monotonic()
+                self.parts.append(event.text)
             yield event
             if isinstance(event, FinishEvent):
                 self.finish = event
                 return
 
     async def collect(self) -> tuple[str, FinishEvent]:
-        parts: list[str] = []
-        async for event in self.events():
-            if isinstance(event, TextEvent):
-                parts.append(event.text)
+        async for _ in self.events():
+            pass
         assert self.finish is not None
-        return "".join(parts), self.finish
+        return self.text, self.finish
 
 
 def thread_safe_emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Event]) -> Callable[[Event], None]:

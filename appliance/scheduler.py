@@ -75,9 +75,9 @@ class _Job:
 class _Slot:
     """A sequence slot and what its KV cache still holds from the last request it served.
 
-    Only prompt tokens are remembered: their KV was computed in prompt chunks of at least
-    ``exact_chunk`` tokens, exactly as a fresh prefill computes it, so reusing it leaves answers
-    bit-identical. Generated tokens were decoded one by one, on another kernel path: not reused.
+    Only prompt tokens are remembered: their KV was computed in prompt chunks exactly as a fresh
+    prefill computes it (see ``reusable_prefix``), so reusing it leaves answers bit-identical.
+    Generated tokens were decoded one by one, maybe on another kernel path: not reused.
     """
 
     index: int
@@ -131,6 +131,22 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def reusable_prefix(cached: list[int], tokens: list[int], exact: int) -> int:
+    """How many leading prompt tokens may keep a slot's cached KV without changing the answer.
+
+    The chunk size picks the kernel path of a prompt's rows (see ``ModelFacts.exact_chunk``): a
+    prompt shorter than ``exact`` is computed in one chunk on the short path, a longer one in
+    chunks of at least ``exact`` on the long path. Cached rows stand in only for rows of their own
+    path, and the last chunk, which also yields the first logits, is computed again: at least
+    ``exact`` tokens of a long prompt, at least one of a short one.
+    """
+    short = len(tokens) < exact
+    if short != (len(cached) < exact):
+        return 0
+    keep = len(tokens) - (1 if short else exact)
+    return max(0, min(common_prefix(cached, tokens), keep))
+
+
 def prefill_chunk(remaining: int, budget: int, exact: int) -> int:
     """How many prompt tokens of one sequence to evaluate now (0: wait for a later step).
 
@@ -155,9 +171,12 @@ class ModelRunner:
         *,
         sampling_defaults: SamplingParams | None = None,
         clock: Callable[[], float] = time.monotonic,
+        provenance: dict[str, str | None] | None = None,
     ) -> None:
         self.model_id = model_id
         self.model = model
+        # what the request log records about the model: file sha256, quantisation, engine, backend
+        self.provenance = provenance or {}
         self.config = config or RunnerConfig()
         self.sampling_defaults = sampling_defaults or SamplingParams()
         self._clock = clock
@@ -285,22 +304,19 @@ class ModelRunner:
     def _pick_slot(self, tokens: list[int]) -> tuple[_Slot, int]:
         """The free slot whose cache serves this prompt best, and how many tokens it saves.
 
-        The longest shared prefix wins when it covers at least half of that slot's cache or of
+        The longest reusable prefix wins when it covers at least half of that slot's cache or of
         the prompt (a system prompt, earlier chat turns). A mere chat-template header in common is
         not worth evicting another conversation's cache for: then an empty slot, or the one unused
         the longest, is taken.
         """
-        fallback = min(self._free, key=lambda s: (bool(s.cached), s.last_used))
-        chosen, n = fallback, 0
-        if self.config.prefix_cache:
-            best, best_n = max(((s, common_prefix(s.cached, tokens)) for s in self._free), key=lambda p: p[1])
-            if best_n and 2 * best_n >= min(len(best.cached), len(tokens)):
-                chosen, n = best, best_n
-            else:
-                n = common_prefix(fallback.cached, tokens)
-        # evaluate at least one exact chunk: the last chunk must also produce the first logits
         exact = self.model.facts.exact_chunk
-        return chosen, max(0, min(n, len(tokens) - exact)) if len(tokens) > exact else 0
+        fallback = min(self._free, key=lambda s: (bool(s.cached), s.last_used))
+        if not self.config.prefix_cache:
+            return fallback, 0
+        best, best_n = max(((s, reusable_prefix(s.cached, tokens, exact)) for s in self._free), key=lambda p: p[1])
+        if best_n and 2 * best_n >= min(len(best.cached), len(tokens)):
+            return best, best_n
+        return fallback, reusable_prefix(fallback.cached, tokens, exact)
 
     def _drop_cancelled(self) -> None:
         for seq in list(self._active.values()):
@@ -317,7 +333,9 @@ class ModelRunner:
         generated = 0
         budget = self.config.n_batch
         exact = self.model.facts.exact_chunk
-        decoding = [seq for seq in self._active.values() if seq.pending is not None]
+        # in slot order: llama.cpp reuses the previous step's compute graph only when the batch
+        # lists the same sequences in the same order (measured: 130 -> 168 tok/s at 32 clients)
+        decoding = [seq for _, seq in sorted(self._active.items()) if seq.pending is not None]
         if decoding:
             items, drafts = [], []
             budget -= len(decoding)
@@ -407,8 +425,9 @@ class ModelRunner:
         job.emit(FinishEvent(reason, len(job.tokens), seq.completion_tokens, error, seq.n_cached))
         seq.sampler.close()
         slot = seq.slot
-        # a prompt shorter than one exact chunk was computed on the other kernel path: not reusable
-        usable = reason != "error" and seq.n_prompt_done >= self.model.facts.exact_chunk
+        # rows of a long prompt are long-path rows: a shorter cache would pass for short-path rows
+        exact = self.model.facts.exact_chunk
+        usable = reason != "error" and (seq.n_prompt_done >= exact or len(job.tokens) < exact)
         slot.cached = job.tokens[: seq.n_prompt_done] if usable else []
         slot.last_used = self._clock()
         if not slot.cached:

@@ -3,9 +3,11 @@
     python benchmarks/vs_llama_server.py                      # all three servers, N = 1 8 32
     python benchmarks/vs_llama_server.py --servers ours llama-server --clients 8
 
-Every server gets the same model file, threads, slots, per-slot context and batch size. For each
-server and N it prints aggregate completion tokens/s, TTFT p50/p95, errors and whether every
-stream arrived whole, then the ratios ours / llama-server; then the time to first token of a
+Every server gets the same model file, threads, slots, per-slot context and batch size. All are
+started at once (an idle server takes no CPU); in each of ``--rounds`` rounds they take turns at
+every N, so drift of a shared machine hits them alike. For each server and N it prints aggregate
+completion tokens/s, TTFT p50/p95, errors and whether every stream arrived whole, then the median
+round per server and the ratios of the medians ours / other; then the time to first token of a
 request sharing a ~1,500-token system prompt with the one before it (prefix cache), cold vs warm.
 
 llama-server is built once into ``--cache-dir`` from the llama.cpp sources vendored in the
@@ -30,6 +32,7 @@ import importlib.util
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -233,6 +236,7 @@ def main() -> None:
     parser.add_argument("--servers", nargs="+", default=["ours", "llama-server", "llama-cpp-python"])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3, help="repeat every measurement; the median counts")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--parallel", type=int, default=8, help="sequence slots of ours and llama-server")
     parser.add_argument("--ctx-size", type=int, default=4096, help="context per slot")
@@ -251,34 +255,47 @@ def main() -> None:
         f"batch {args.batch_size}; {args.max_tokens} max tokens; temperature 0; {os.cpu_count()} CPUs",
         flush=True,
     )
-    results: dict[str, dict[int, Summary]] = {}
-    caches: dict[str, tuple[float, float]] = {}
-    for name in args.servers:
-        port = free_port()
-        cmd, env = server_commands(args, model_file, port)[name]
-        with running(name, cmd, port, env) as base:
-            client = OpenAI(base_url=base, api_key="bench", max_retries=0, timeout=900)
-            one_stream(client, MODEL_ID, [{"role": "user", "content": "Hi"}], 4)  # warm-up
-            print(f"\n== {name}", flush=True)
-            results[name] = {}
+    results: dict[str, dict[int, list[Summary]]] = {name: {n: [] for n in args.clients} for name in args.servers}
+    with contextlib.ExitStack() as stack:
+        clients: dict[str, OpenAI] = {}
+        for name in args.servers:  # all up at once: idle servers take no CPU, and rounds interleave
+            port = free_port()
+            cmd, env = server_commands(args, model_file, port)[name]
+            base = stack.enter_context(running(name, cmd, port, env))
+            clients[name] = OpenAI(base_url=base, api_key="bench", max_retries=0, timeout=900)
+            one_stream(clients[name], MODEL_ID, [{"role": "user", "content": "Hi"}], 4)  # warm-up
+        # the machine drifts: servers take turns within each round and the median round counts
+        for r in range(args.rounds):
+            print(f"\n== round {r + 1} of {args.rounds}", flush=True)
             for n in args.clients:
-                summary = measure(client, MODEL_ID, n, args.max_tokens)
-                results[name][n] = summary
-                print(summary.line() + (f"  first error: {summary.first_error}" if summary.errors else ""), flush=True)
-            caches[name] = prefix_cache_ttft(client)
-            cold, warm = caches[name]
+                for name in args.servers:
+                    summary = measure(clients[name], MODEL_ID, n, args.max_tokens)
+                    results[name][n].append(summary)
+                    error = f"  first error: {summary.first_error}" if summary.errors else ""
+                    print(f"{name:17s} {summary.line()}{error}", flush=True)
+        print("\n== shared 1.5k-token system prompt (prefix cache)")
+        for name in args.servers:
+            cold, warm = prefix_cache_ttft(clients[name])
             print(
-                f"shared 1.5k-token system prompt: TTFT cold {cold * 1000:.0f} ms, warm {warm * 1000:.0f} ms "
-                f"(warm/cold {warm / cold:.2f})",
+                f"{name:17s} TTFT cold {cold * 1000:.0f} ms, warm {warm * 1000:.0f} ms (warm/cold {warm / cold:.2f})",
                 flush=True,
             )
+    print(f"\n== median of {args.rounds} rounds (aggregate tok/s; errors and whole streams over all rounds)")
+    medians = {
+        name: {n: statistics.median(s.tokens_per_s for s in runs) for n, runs in rows.items()}
+        for name, rows in results.items()
+    }
+    for name, rows in results.items():
+        cells = "  ".join(
+            f"N={n}: {medians[name][n]:6.1f} (errors {sum(s.errors for s in runs)}, "
+            f"whole {all(s.all_whole for s in runs)})"
+            for n, runs in rows.items()
+        )
+        print(f"{name:17s} {cells}")
     if "ours" in results:
-        print("\n== ratios, ours / other (aggregate tok/s)")
+        print("\n== ratios of the medians, ours / other")
         for other in (s for s in results if s != "ours"):
-            ratios = "  ".join(
-                f"N={n}: {results['ours'][n].tokens_per_s / max(results[other][n].tokens_per_s, 1e-9):.2f}x"
-                for n in args.clients
-            )
+            ratios = "  ".join(f"N={n}: {medians['ours'][n] / max(medians[other][n], 1e-9):.2f}x" for n in args.clients)
             print(f"vs {other:17s} {ratios}")
 
 

@@ -93,6 +93,8 @@ class ModelFacts:
     # Prompt chunks of at least this many tokens of one sequence are computed bit-identically
     # however a prompt is cut into them; the scheduler's exact prefix caching relies on it.
     exact_chunk: int = 2
+    quantization: str | None = None  # e.g. "Q4_1", from the file's metadata
+    backend: str = "cpu"  # where the weights run: "cpu", or the GPU backend once offload exists
 
 
 @dataclass(frozen=True)

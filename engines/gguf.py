@@ -87,6 +87,18 @@ def _exact_chunk(flash_attn: bool) -> int:
     return 64 if flash_attn else 2
 
 
+def _quantization(file_type: str | None) -> str | None:
+    """The name of llama.cpp's ``general.file_type`` (e.g. ``MOSTLY_Q4_1`` -> ``Q4_1``)."""
+    if file_type is None or not file_type.isdigit():
+        return None
+    from gguf import LlamaFileType
+
+    try:
+        return LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
+    except ValueError:
+        return f"type {file_type}"
+
+
 class GgufSampler:
     """One sequence's llama.cpp sampler chain (penalties -> top-k -> top-p -> min-p -> temp -> dist)."""
 
@@ -184,6 +196,8 @@ class GgufModel:
             has_chat_template=template is not None,
             metadata=metadata,
             exact_chunk=_exact_chunk(options.flash_attn),
+            quantization=_quantization(metadata.get("general.file_type")),
+            backend="cpu" if options.n_gpu_layers == 0 else "gpu",
         )
         log.info(
             "loaded %s: %s, %d slots x %d tokens",

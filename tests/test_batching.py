@@ -135,6 +135,26 @@ def test_prefix_cache_reports_cached_tokens_and_keeps_answers(tmp_path: Path) ->
         uncached.stop()
 
 
+def test_prefix_cache_of_short_prompts_keeps_answers(tmp_path: Path) -> None:
+    """Prompts shorter than one exact chunk are computed on the short kernel path, cached or not."""
+    cached, uncached = start(tmp_path, parallel=2), start(tmp_path, parallel=2, prefix_cache=False)
+    try:
+
+        async def scenario() -> None:
+            variants = [PROMPTS[0], PROMPTS[0], PROMPTS[0] + " Be brief.", PROMPTS[1], "Now: " + PROMPTS[1]]
+            for prompt in variants:
+                text, finish = await answer(cached, chat(prompt, max_tokens=32))
+                assert finish.prompt_tokens < cached.resolve(DEFAULT_MODEL).model.facts.exact_chunk
+                assert text == (await answer(uncached, chat(prompt, max_tokens=32)))[0], prompt
+            # the repeat reuses all but the last token; the others share at least the template header
+            assert cached.stats()[0].cache_hits_total == len(variants) - 1
+
+        asyncio.run(scenario())
+    finally:
+        cached.stop()
+        uncached.stop()
+
+
 def test_prompt_lookup_drafting_keeps_greedy_answer(tmp_path: Path) -> None:
     text_to_edit = (
         "The quick brown fox jumps over the lazy dog. The dog sleeps under the old oak tree, "

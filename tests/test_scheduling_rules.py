@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.scheduler import common_prefix, prefill_chunk
+from appliance.scheduler import common_prefix, prefill_chunk, reusable_prefix
 from appliance.speculative import NgramIndex
 
 
@@ -26,6 +26,31 @@ from appliance.speculative import NgramIndex
 )
 def test_prefill_chunk_keeps_chunks_exact(remaining: int, budget: int, exact: int, expected: int) -> None:
     assert prefill_chunk(remaining, budget, exact) == expected
+
+
+@pytest.mark.parametrize(
+    ("cached", "prompt", "expected"),
+    [
+        (200, 300, 200),  # long after long: the shared prefix...
+        (300, 200, 200 - 64),  # ...up to all but the last exact chunk
+        (100, 100, 100 - 64),
+        (30, 30, 29),  # short after short: all but the last token
+        (30, 40, 30),
+        (40, 30, 29),
+        (30, 100, 0),  # short-path rows cannot stand in for long-path ones
+        (100, 30, 0),  # nor the other way round
+        (0, 30, 0),
+        (64, 64, 0),
+    ],
+)
+def test_reusable_prefix_keeps_each_row_on_its_kernel_path(cached: int, prompt: int, expected: int) -> None:
+    tokens = list(range(1000))
+    assert reusable_prefix(tokens[:cached], tokens[:prompt], exact=64) == expected
+
+
+def test_reusable_prefix_stops_at_the_first_difference() -> None:
+    assert reusable_prefix([1, 2, 3, 4, 5], [1, 2, 9, 4], exact=64) == 2
+    assert reusable_prefix(list(range(100)), [*range(70), 0, *range(71, 200)], exact=64) == 70
 
 
 def test_common_prefix() -> None:

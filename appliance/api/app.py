@@ -1,6 +1,6 @@
 """The FastAPI application factory: routes, error mapping and the edge middleware, nothing else.
 
-The app receives its collaborators (scheduler, settings) ready-made from ``bootstrap``; it never
+The app receives its collaborators (scheduler, settings, request log) ready-made from ``bootstrap``; it never
 loads a model or reads configuration itself, so tests can build it around any scheduler.
 """
 
@@ -13,13 +13,16 @@ from fastapi import FastAPI
 from appliance import __version__
 from appliance.api.edge import EdgeMiddleware
 from appliance.api.errors import install_error_handlers
+from appliance.api.logs import router as logs_router
 from appliance.api.metrics import metrics_registry
+from appliance.api.recording import record_invalid
 from appliance.api.routes import router, v1
 from appliance.config import Settings
+from appliance.requestlog.writer import DisabledLog, RequestLog
 from appliance.scheduler import Scheduler
 
 
-def create_app(scheduler: Scheduler, settings: Settings) -> FastAPI:
+def create_app(scheduler: Scheduler, settings: Settings, request_log: RequestLog | None = None) -> FastAPI:
     app = FastAPI(
         title="LLM appliance",
         version=__version__,
@@ -27,10 +30,12 @@ def create_app(scheduler: Scheduler, settings: Settings) -> FastAPI:
     )
     app.state.scheduler = scheduler
     app.state.settings = settings
+    app.state.request_log = request_log or DisabledLog()
     app.state.started = int(time.time())
-    app.state.metrics = metrics_registry(scheduler)
+    app.state.metrics = metrics_registry(scheduler, app.state.request_log)
     app.include_router(router)
     app.include_router(v1)
-    install_error_handlers(app)
+    app.include_router(logs_router)
+    install_error_handlers(app, on_invalid=record_invalid)
     app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes)
     return app

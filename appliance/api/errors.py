@@ -7,6 +7,7 @@ typed exceptions (``BadRequestError``, ``NotFoundError``...). A client mistake i
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -92,7 +93,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"Invalid value for '{param}': {first.get('msg')}.", param
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, on_invalid: Callable[[Request, Any, int, str], None] | None = None) -> None:
+    """``on_invalid`` sees every request refused for its body (the request log records them)."""
+
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return _json(exc)
@@ -102,8 +105,10 @@ def install_error_handlers(app: FastAPI) -> None:
         return _json(from_appliance_error(exc))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
+        if on_invalid is not None:
+            on_invalid(request, exc.body, 400, message)
         return _json(APIError(400, message, param=param))
 
     @app.exception_handler(StarletteHTTPException)

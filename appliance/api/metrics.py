@@ -13,6 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
+from appliance.requestlog.writer import RequestLog
 from appliance.scheduler import RunnerStats, Scheduler
 
 # (stats field, metric name without the appliance_ prefix, help); counters get _total from the client
@@ -35,9 +36,16 @@ GAUGES = (
 )
 
 
+LOG_COUNTERS = (
+    ("written", "log_records_written", "Request log records committed to the database."),
+    ("dropped", "log_records_dropped", "Request log records dropped because the buffer was full."),
+)
+
+
 class SchedulerCollector(Collector):
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: Scheduler, request_log: RequestLog) -> None:
         self._scheduler = scheduler
+        self._log = request_log
 
     def collect(self) -> Iterator[Metric]:
         stats: list[RunnerStats] = self._scheduler.stats()
@@ -51,11 +59,21 @@ class SchedulerCollector(Collector):
             for s in stats:
                 gauge.add_metric([s.model], float(getattr(s, field)))
             yield gauge
+        status = self._log.status()
+        if status["enabled"]:
+            for field, name, doc in LOG_COUNTERS:
+                yield CounterMetricFamily(f"appliance_{name}", doc, value=float(status[field]))
+            yield GaugeMetricFamily(
+                "appliance_log_records_pending", "Request log records not yet committed.", value=status["pending"]
+            )
+            yield GaugeMetricFamily(
+                "appliance_log_healthy", "1 when the request log is writable.", value=float(status["error"] is None)
+            )
 
 
-def metrics_registry(scheduler: Scheduler) -> CollectorRegistry:
+def metrics_registry(scheduler: Scheduler, request_log: RequestLog) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SchedulerCollector(scheduler))
+    registry.register(SchedulerCollector(scheduler, request_log))
     return registry
 
 

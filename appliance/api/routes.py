@@ -23,6 +23,7 @@ from appliance.api.protocol import (
     ModelCard,
     ModelList,
 )
+from appliance.api.recording import Exchange
 from appliance.api.streaming import (
     cancel_on_disconnect,
     chat_chunks,
@@ -53,10 +54,15 @@ def _raise_if_failed(finish: FinishEvent) -> None:
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """Liveness plus the load: slots, queue depth, tokens/s, prefix-cache and draft counters."""
+    """Liveness plus the load (slots, queue depth, tokens/s, cache and draft counters) and the log's state."""
     scheduler = _scheduler(request)
     status = "ok" if scheduler.accepting else "shutting_down"
-    body = {"status": status, "models": [vars(s) for s in scheduler.stats()]}
+    body = {
+        "status": status,
+        "models": [vars(s) for s in scheduler.stats()],
+        # a log that cannot be written shows here; serving goes on
+        "request_log": request.app.state.request_log.status(),
+    }
     return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
 
@@ -81,17 +87,26 @@ async def get_model(model_id: str, request: Request) -> ModelCard:
 
 @v1.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response | ChatCompletion:
-    internal = convert.chat_request(body)
     response_id = f"chatcmpl-{request_id(request)}"
     set_response_id(request, response_id)
-    created = int(time.time())
-    gen = await _scheduler(request).submit(internal, response_id)
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return event_stream(request, [gen], chat_chunks(gen, created=created, include_usage=include_usage))
-    async with cancel_on_disconnect(request, [gen]):
-        text, finish = await gen.collect()
-    _raise_if_failed(finish)
+    exchange = Exchange(request, "chat.completions", body, response_id)
+    try:
+        internal = convert.chat_request(body)
+        exchange.requests.append(internal)
+        created = int(time.time())
+        gen = await _scheduler(request).submit(internal, response_id)
+        exchange.generations.append(gen)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            chunks = chat_chunks(gen, created=created, include_usage=include_usage)
+            return event_stream(request, [gen], chunks, on_end=exchange.stream_ended)
+        async with cancel_on_disconnect(request, [gen]):
+            text, finish = await gen.collect()
+        _raise_if_failed(finish)
+    except BaseException as exc:
+        exchange.failed(exc)
+        raise
+    exchange.finished()
     return ChatCompletion(
         id=response_id,
         created=created,
@@ -115,26 +130,34 @@ async def _submit_all(scheduler: Scheduler, requests: list[GenerationRequest], r
 
 @v1.post("/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> Response | Completion:
-    internals = convert.completion_requests(body)
-    if body.echo and any(r.prompt is None for r in internals):
-        raise APIError(400, "echo is supported for text prompts only.", param="echo", code="unsupported_parameter")
-    echo = [r.prompt or "" for r in internals] if body.echo else [""] * len(internals)
     response_id = f"cmpl-{request_id(request)}"
     set_response_id(request, response_id)
-    created = int(time.time())
-    gens = await _submit_all(_scheduler(request), internals, response_id)
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = completion_chunks(
-            gens, response_id=response_id, created=created, include_usage=include_usage, echo=echo
-        )
-        return event_stream(request, gens, chunks)
-    results: list[tuple[str, FinishEvent]] = []
-    async with cancel_on_disconnect(request, gens):
-        for gen in gens:
-            results.append(await gen.collect())
-    for _, finish in results:
-        _raise_if_failed(finish)
+    exchange = Exchange(request, "completions", body, response_id)
+    try:
+        internals = convert.completion_requests(body)
+        exchange.requests.extend(internals)
+        if body.echo and any(r.prompt is None for r in internals):
+            raise APIError(400, "echo is supported for text prompts only.", param="echo", code="unsupported_parameter")
+        echo = [r.prompt or "" for r in internals] if body.echo else [""] * len(internals)
+        created = int(time.time())
+        gens = await _submit_all(_scheduler(request), internals, response_id)
+        exchange.generations.extend(gens)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            chunks = completion_chunks(
+                gens, response_id=response_id, created=created, include_usage=include_usage, echo=echo
+            )
+            return event_stream(request, gens, chunks, on_end=exchange.stream_ended)
+        results: list[tuple[str, FinishEvent]] = []
+        async with cancel_on_disconnect(request, gens):
+            for gen in gens:
+                results.append(await gen.collect())
+        for _, finish in results:
+            _raise_if_failed(finish)
+    except BaseException as exc:
+        exchange.failed(exc)
+        raise
+    exchange.finished()
     choices: list[Any] = [
         CompletionChoice(index=i, text=echo[i] + text, finish_reason=finish.finish_reason)
         for i, (text, finish) in enumerate(results)

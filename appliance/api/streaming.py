@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import Request
@@ -92,11 +92,22 @@ async def merged_events(generations: Sequence[Generation]) -> AsyncIterator[tupl
             task.cancel()
 
 
-def event_stream(request: Request, generations: Sequence[Generation], body: AsyncIterator[str]) -> StreamingResponse:
+def event_stream(
+    request: Request,
+    generations: Sequence[Generation],
+    body: AsyncIterator[str],
+    on_end: Callable[[], None] | None = None,
+) -> StreamingResponse:
+    """The SSE response; ``on_end`` runs once the stream is over, whole or cut by the client."""
+
     async def guarded() -> AsyncIterator[str]:
-        async with cancel_on_disconnect(request, generations):
-            async for piece in body:
-                yield piece
+        try:
+            async with cancel_on_disconnect(request, generations):
+                async for piece in body:
+                    yield piece
+        finally:
+            if on_end is not None:
+                on_end()
 
     return StreamingResponse(
         guarded(),

@@ -1,0 +1,236 @@
+"""The log writer: records go from the API into a bounded buffer, a thread commits them in batches.
+
+Serving never waits for the disk. A record is committed within ``flush_interval`` (plus the
+commit itself) of being handed over, in WAL mode, so a ``kill -9`` loses at most the last
+fraction of a second. When the database cannot be written (disk full, locked, gone) records stay
+in the buffer and the writer retries with back-off; the problem shows in ``status()`` (and so in
+``/health``) and in the log. Only when the buffer is full are new records dropped, and counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from appliance.requestlog.record import ExchangeRecord
+from appliance.requestlog.redact import Redactor
+from appliance.requestlog.schema import LogDatabaseError, connect, write
+from appliance.requestlog.store import LogStore
+
+log = logging.getLogger(__name__)
+
+BATCH_MAX = 256
+RETRY_MAX_S = 5.0
+
+
+@dataclass(frozen=True)
+class Retention:
+    max_age_days: float | None = None
+    max_rows: int | None = None
+    max_bytes: int | None = None
+    every_s: float = 60.0
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in (self.max_age_days, self.max_rows, self.max_bytes))
+
+
+class LogWriter:
+    """Owns the only write connection of the server to the log database."""
+
+    path: Path | None
+
+    def __init__(
+        self,
+        path: Path,
+        redactor: Redactor | None = None,
+        *,
+        max_pending: int = 10_000,
+        flush_interval: float = 0.2,
+        retention: Retention | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = path
+        self._redactor = redactor or Redactor()
+        self._max_pending = max_pending
+        self._flush_interval = flush_interval
+        self._retention = retention or Retention()
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._pending: deque[ExchangeRecord] = deque()
+        self._in_flight = 0
+        self._submitted = 0
+        self._committed = 0  # of the submitted, how many are settled (written or given up)
+        self._written = 0
+        self._dropped = 0
+        self._last_error: str | None = None
+        self._stopping = False
+        self._store: LogStore | None = None
+        self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
+        self._thread.start()
+
+    # -- the API side: never blocks ------------------------------------------------------
+
+    def submit(self, record: ExchangeRecord) -> bool:
+        """Queue a record; False (and counted as dropped) when the buffer is full."""
+        with self._cond:
+            if self._stopping or len(self._pending) + self._in_flight >= self._max_pending:
+                self._dropped += 1
+                if self._dropped == 1 or self._dropped % 1000 == 0:
+                    log.error("request log buffer full (%d): %d records dropped", self._max_pending, self._dropped)
+                return False
+            self._pending.append(record)
+            self._submitted += 1
+            self._cond.notify()
+            return True
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every record submitted so far is committed; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            target = self._submitted
+            self._cond.notify()
+            while self._committed < target:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def status(self) -> dict[str, Any]:
+        with self._cond:
+            return {
+                "enabled": True,
+                "path": str(self.path),
+                "written": self._written,
+                "pending": len(self._pending) + self._in_flight,
+                "dropped": self._dropped,
+                "error": self._last_error,
+            }
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Commit what is buffered (waiting up to ``timeout``), then stop."""
+        self.flush(timeout)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+        if self._store is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._store.close()
+        with self._cond:
+            left = len(self._pending) + self._in_flight
+        if left:
+            log.error("request log: %d records could not be written before shutdown", left)
+
+    # -- the writer thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        delay = self._flush_interval
+        next_retention = 0.0
+        while True:
+            with self._cond:
+                if not self._pending and not self._stopping:
+                    self._cond.wait(self._flush_interval)
+                if self._stopping and (not self._pending or self._last_error):
+                    return
+                batch = [self._pending.popleft() for _ in range(min(BATCH_MAX, len(self._pending)))]
+                self._in_flight = len(batch)
+            try:
+                store = self._open()
+                if batch:
+                    self._write(store, batch)
+                if self._retention.active and self._clock() >= next_retention:
+                    next_retention = self._clock() + self._retention.every_s
+                    self._enforce_retention(store)
+            except (sqlite3.Error, LogDatabaseError, OSError) as exc:
+                self._failed(batch, exc)
+                time.sleep(delay)
+                delay = min(RETRY_MAX_S, delay * 2)
+                continue
+            delay = self._flush_interval
+            with self._cond:
+                self._in_flight = 0
+                self._written += len(batch)
+                self._committed += len(batch)
+                if self._last_error is not None:
+                    log.warning("request log writable again: %s", self.path)
+                self._last_error = None
+                self._cond.notify_all()
+
+    def _open(self) -> LogStore:
+        if self._store is None:
+            self._store = LogStore(connect(self.path))
+        return self._store
+
+    def _write(self, store: LogStore, batch: list[ExchangeRecord]) -> None:
+        rows = [self._row(record) for record in batch]
+        with write(store.db):
+            store.db["exchanges"].insert_all(rows, replace=True)  # type: ignore[union-attr]
+
+    def _row(self, record: ExchangeRecord) -> dict[str, Any]:
+        r = self._redactor
+        record.request = r.value(record.request)
+        record.choices = r.value(record.choices)
+        record.prompt_text = r.text(record.prompt_text) if record.prompt_text else record.prompt_text
+        record.error = r.text(record.error) if record.error else record.error
+        return record.to_row()
+
+    def _enforce_retention(self, store: LogStore) -> None:
+        policy = self._retention
+        removed = store.enforce_retention(
+            max_age_days=policy.max_age_days, max_rows=policy.max_rows, max_bytes=policy.max_bytes
+        )
+        if removed:
+            log.info("request log retention removed %d records", removed)
+
+    def _failed(self, batch: list[ExchangeRecord], exc: Exception) -> None:
+        message = f"{type(exc).__name__}: {exc}"
+        with self._cond:
+            self._pending.extendleft(reversed(batch))  # keep the order, retry them first
+            self._in_flight = 0
+            if message != self._last_error:
+                waiting = len(self._pending)
+                log.error("request log %s cannot be written (%s); %d records wait", self.path, message, waiting)
+            self._last_error = message
+        if self._store is not None and isinstance(exc, LogDatabaseError | sqlite3.DatabaseError):
+            with contextlib.suppress(sqlite3.Error):
+                self._store.close()
+            self._store = None
+
+
+class RequestLog(Protocol):
+    """What the API needs of the log: the writer, or ``DisabledLog``."""
+
+    path: Path | None
+
+    def submit(self, record: ExchangeRecord) -> bool: ...
+    def flush(self, timeout: float = 5.0) -> bool: ...
+    def status(self) -> dict[str, Any]: ...
+    def close(self, timeout: float = 10.0) -> None: ...
+
+
+class DisabledLog:
+    """Stands in for the writer with ``--no-log``: nothing is recorded, and ``/health`` says so."""
+
+    path: Path | None = None
+
+    def submit(self, record: ExchangeRecord) -> bool:
+        return False
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        return True
+
+    def status(self) -> dict[str, Any]:
+        return {"enabled": False}
+
+    def close(self, timeout: float = 10.0) -> None:
+        return None
