@@ -169,8 +169,8 @@ class LogStore:
         if not self.exists(record_id):
             raise RecordNotFoundError(record_id)
         with write(self.db):
-            current = self._query("SELECT * FROM feedback WHERE exchange_id = ?", [record_id])  # type: ignore[arg-type]
-            row = current[0] if current else {"exchange_id": record_id, "tags": "[]"}
+            current = self._query("SELECT * FROM feedback WHERE exchange_id = :id", {"id": record_id})
+            row: dict[str, Any] = current[0] if current else {"exchange_id": record_id, "tags": "[]"}
             if rating is not None:
                 row["rating"] = rating
             if correction is not None:

@@ -59,6 +59,7 @@ class LogWriter:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = path
+        self._file = path  # never None, unlike the protocol's ``path``
         self._redactor = redactor or Redactor()
         self._max_pending = max_pending
         self._flush_interval = flush_interval
@@ -168,7 +169,7 @@ class LogWriter:
 
     def _open(self) -> LogStore:
         if self._store is None:
-            self._store = LogStore(connect(self.path))
+            self._store = LogStore(connect(self._file))
         return self._store
 
     def _write(self, store: LogStore, batch: list[ExchangeRecord]) -> None:
