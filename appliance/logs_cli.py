@@ -17,7 +17,7 @@ from typing import Any
 
 from appliance.config import Paths, load_settings
 from appliance.requestlog.schema import LogDatabaseError
-from appliance.requestlog.store import STATUSES, LogFilter, LogStore, RecordNotFoundError
+from appliance.requestlog.store import STATUSES, LogFilter, LogStore, RecordNotFoundError, parse_time
 
 
 class LogsCommandError(Exception):
@@ -30,11 +30,7 @@ def timestamp(value: str) -> float:
     if value and value[-1] in units and value[:-1].replace(".", "", 1).isdigit():
         return time.time() - float(value[:-1]) * units[value[-1]]
     try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(value).timestamp()
+        return parse_time(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r}: give unix seconds, an ISO date, or an age like 7d") from None
 

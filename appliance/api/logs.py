@@ -7,8 +7,6 @@ event loop, and reads see everything the writer has committed (WAL).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.api.edge import require_api_key
 from appliance.api.errors import APIError
-from appliance.requestlog.store import STATUSES, LogFilter, LogStore, RecordNotFoundError
+from appliance.requestlog.store import STATUSES, LogFilter, LogStore, RecordNotFoundError, parse_time
 
 router = APIRouter(prefix="/v1/appliance/logs", dependencies=[Depends(require_api_key)])
 FLUSH_WAIT_S = 3.0
@@ -40,13 +38,10 @@ def _path(request: Request) -> Path:
 
 
 def _timestamp(value: str | None, param: str) -> float | None:
-    """Unix seconds or an ISO 8601 date/time."""
     if value is None:
         return None
-    with contextlib.suppress(ValueError):
-        return float(value)
     try:
-        return datetime.fromisoformat(value).timestamp()
+        return parse_time(value)
     except ValueError:
         raise APIError(
             400, f"'{param}' must be unix seconds or an ISO 8601 date: got {value!r}.", param=param

@@ -11,6 +11,7 @@ import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,38 +44,34 @@ class LogFilter:
     endpoint: str | None = None
 
     def where(self) -> tuple[str, dict[str, Any]]:
-        clauses: list[str] = []
-        params: dict[str, Any] = {}
-        if self.model is not None:
-            clauses.append("e.model = :model")
-            params["model"] = self.model
-        if self.adapter is not None:
-            clauses.append(
-                "EXISTS (SELECT 1 FROM json_each(e.adapters) a WHERE json_extract(a.value, '$.name') = :adapter)"
-            )
-            params["adapter"] = self.adapter
-        if self.since is not None:
-            clauses.append("e.created_at >= :since")
-            params["since"] = self.since
-        if self.until is not None:
-            clauses.append("e.created_at < :until")
-            params["until"] = self.until
-        if self.status is not None:
-            clauses.append("e.status = :status")
-            params["status"] = self.status
-        if self.rating is not None:
-            clauses.append("f.rating = :rating")
-            params["rating"] = self.rating
-        if self.tag is not None:
-            clauses.append("EXISTS (SELECT 1 FROM json_each(f.tags) t WHERE t.value = :tag)")
-            params["tag"] = self.tag
-        if self.text:
-            clauses.append("(instr(lower(e.prompt_text), :text) OR instr(lower(e.response_text), :text))")
-            params["text"] = self.text.lower()
-        if self.endpoint is not None:
-            clauses.append("e.endpoint = :endpoint")
-            params["endpoint"] = self.endpoint
+        """The SQL condition over ``exchanges e`` and ``feedback f``, with its named parameters."""
+        params = {k: v for k, v in vars(self).items() if v is not None and v != ""}
+        if "text" in params:
+            params["text"] = params["text"].lower()
+        clauses = [CLAUSES[name] for name in params]
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+# the condition each LogFilter field adds, bound to the parameter of the same name
+CLAUSES = {
+    "model": "e.model = :model",
+    "adapter": "EXISTS (SELECT 1 FROM json_each(e.adapters) a WHERE json_extract(a.value, '$.name') = :adapter)",
+    "since": "e.created_at >= :since",
+    "until": "e.created_at < :until",
+    "status": "e.status = :status",
+    "rating": "f.rating = :rating",
+    "tag": "EXISTS (SELECT 1 FROM json_each(f.tags) t WHERE t.value = :tag)",
+    "text": "(instr(lower(e.prompt_text), :text) OR instr(lower(e.response_text), :text))",
+    "endpoint": "e.endpoint = :endpoint",
+}
+
+
+def parse_time(value: str) -> float:
+    """Unix seconds or an ISO 8601 date/time; ValueError otherwise."""
+    try:
+        return float(value)
+    except ValueError:
+        return datetime.fromisoformat(value).timestamp()
 
 
 SUMMARY_COLUMNS = (
@@ -83,6 +80,7 @@ SUMMARY_COLUMNS = (
     "substr(e.prompt_text, -200) AS prompt_preview, substr(e.response_text, 1, 200) AS response_preview, "
     "f.rating, f.tags"
 )
+FULL_COLUMNS = "e.*, f.rating, f.correction, f.tags, f.note"
 JSON_COLUMNS = ("adapters", "request", "response", "tags")
 
 
@@ -130,10 +128,7 @@ class LogStore:
         """Every matching record in full with its feedback, oldest first, without loading all at once."""
         where, params = filters.where()
         where += (" AND" if where else " WHERE") + " e.rowid > :after"
-        sql = (
-            f"SELECT e.rowid AS _rowid, e.*, f.rating, f.correction, f.tags, f.note {BASE_QUERY}{where} "
-            "ORDER BY e.rowid LIMIT :batch"
-        )
+        sql = f"SELECT e.rowid AS _rowid, {FULL_COLUMNS} {BASE_QUERY}{where} ORDER BY e.rowid LIMIT :batch"
         after = 0
         while True:
             rows = self._query(sql, {**params, "after": after, "batch": batch})
@@ -145,8 +140,7 @@ class LogStore:
 
     def get(self, record_id: str) -> dict[str, Any]:
         rows = self._query(
-            f"SELECT e.*, f.rating, f.correction, f.tags, f.note, f.updated_at AS feedback_at {BASE_QUERY} "
-            "WHERE e.id = :id",
+            f"SELECT {FULL_COLUMNS}, f.updated_at AS feedback_at {BASE_QUERY} WHERE e.id = :id",
             {"id": record_id},
         )
         if not rows:
