@@ -13,6 +13,7 @@ import signal
 import socket
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ import uvicorn
 
 from appliance.api.app import create_app
 from appliance.config import Paths, Settings
+from appliance.lora.store import AdapterStore
+from appliance.lora.sync import AdapterSync
 from appliance.modelstore import ModelFileError, verify_model_file
 from appliance.registry import ModelSpec, Registry, RegistryError, load_registry
 from appliance.requestlog.redact import Redactor
@@ -121,6 +124,26 @@ def build_request_log(settings: Settings, paths: Paths) -> LogWriter | DisabledL
     return LogWriter(path, redactor, max_pending=settings.log_buffer, retention=retention)
 
 
+def base_resolver(paths: Paths) -> Callable[[str], tuple[str, Path]]:
+    """Model id or alias -> (id, file), from models.toml as it is now (a model imported later counts)."""
+
+    def resolve(name: str) -> tuple[str, Path]:
+        spec = load_registry(paths).get(name)
+        return spec.id, spec.resolve_file(paths.models_dir)
+
+    return resolve
+
+
+def build_adapters(scheduler: Scheduler, paths: Paths) -> AdapterSync:
+    """The stored LoRA adapters, loaded on the models being served, and kept in step with the store."""
+    sync = AdapterSync(AdapterStore(paths), scheduler, base_resolver(paths))
+    sync.start()
+    loaded = [m for m, _, _ in scheduler.adapter_models()]
+    if loaded:
+        log.info("LoRA adapters: %s", ", ".join(loaded))
+    return sync
+
+
 def build_scheduler(settings: Settings, paths: Paths, registry: Registry | None = None) -> Scheduler:
     registry = registry or load_registry(paths)
     names = settings.models or ((registry.default_model,) if registry.default_model else ())
@@ -174,13 +197,14 @@ def serve(settings: Settings, paths: Paths) -> None:
     """Load the models, listen, serve until SIGINT/SIGTERM, then shut down cleanly."""
     check_exposure(settings)
     scheduler = build_scheduler(settings, paths)
+    adapters = build_adapters(scheduler, paths)
     request_log = build_request_log(settings, paths)
     sockets: list[socket.socket] = []
     try:
         sockets.append(tcp_socket(settings.host, settings.port))
         if settings.socket:
             sockets.append(unix_socket(settings.socket))
-        app = create_app(scheduler, settings, request_log)
+        app = create_app(scheduler, settings, request_log, adapters)
         config = uvicorn.Config(
             app,
             log_config=None,
@@ -198,6 +222,7 @@ def serve(settings: Settings, paths: Paths) -> None:
             log.info("API key required on /v1 routes")
         server.run(sockets=sockets)
     finally:
+        adapters.stop()
         scheduler.stop()
         request_log.close()  # after the scheduler: the last exchanges' records are in by then
         for sock in sockets:

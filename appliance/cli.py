@@ -1,4 +1,4 @@
-"""Argument parsing only: ``appliance --serve``, ``appliance serve``, ``appliance models|logs ...``.
+"""Argument parsing only: ``appliance --serve``, ``appliance serve``, ``appliance models|logs|lora ...``.
 
 Each command hands off to the module that owns the work; user-facing failures print one clear
 line and exit 1, never a traceback.
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from appliance import __version__, logs_cli
+from appliance import __version__, logs_cli, lora_cli
 from appliance.config import DEFAULT_PORT, ConfigError, Settings, app_paths, load_settings
 
 
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("file", type=Path)
     imp.add_argument("--id", dest="model_id", help="model id (default: from the file name)")
     logs_cli.add_parser(sub)
+    lora_cli.add_parser(sub)
     return parser
 
 
@@ -169,7 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_models(args)
         if args.command == "logs":
             return logs_cli.run(args, app_paths())
-    except logs_cli.LogsCommandError as exc:
+        if args.command == "lora":
+            return lora_cli.run(args, app_paths())
+    except (logs_cli.LogsCommandError, lora_cli.LoraCommandError) as exc:
         return _fail(str(exc))
     except ConfigError as exc:
         return _fail(str(exc))

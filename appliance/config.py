@@ -84,6 +84,9 @@ class Settings(BaseModel):
         10_000, ge=1, description="Records kept in memory while the log cannot be written; beyond, dropped."
     )
     max_body_bytes: int = Field(8 << 20, ge=1024, description="Largest accepted request body; larger gets 413.")
+    max_upload_mb: float = Field(
+        4096, gt=0, description="Largest LoRA adapter accepted as an upload to /v1/appliance/loras, in MiB."
+    )
     shutdown_timeout: float = Field(10.0, ge=0, le=3600, description="Seconds running streams get to finish on stop.")
     verify_sha256: bool = Field(True, description="Check model files against models.toml (cached per file).")
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$", description="Server log level.")
@@ -130,6 +133,10 @@ class Paths:
     @property
     def log_file(self) -> Path:
         return self.home / "requests.sqlite"
+
+    @property
+    def loras_dir(self) -> Path:
+        return self.home / "loras"
 
     @property
     def verified_file(self) -> Path:

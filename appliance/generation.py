@@ -31,6 +31,15 @@ class UnknownModelError(ApplianceError):
         self.model = model
 
 
+class UnknownAdapterError(ApplianceError):
+    """A request names a LoRA adapter the model does not have loaded."""
+
+    def __init__(self, name: str, model: str, available: list[str]) -> None:
+        names = ", ".join(available) or "none"
+        super().__init__(f"The LoRA adapter '{name}' is not loaded on model '{model}'. Loaded adapters: {names}.")
+        self.name = name
+
+
 class ContextLengthError(ApplianceError):
     def __init__(self, n_ctx: int, prompt_tokens: int, max_tokens: int | None) -> None:
         if max_tokens is None:
@@ -78,6 +87,8 @@ class GenerationRequest:
     prompt_tokens: tuple[int, ...] | None = None
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
+    # LoRA adapters by name with their scales, on top of any the model id selects
+    adapters: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -108,6 +119,8 @@ class Generation:
     _queue: asyncio.Queue[Event] = field(repr=False)
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     finish: FinishEvent | None = None
+    base_model: str = ""  # the loaded model under the id answered as ``model``
+    adapters: tuple[tuple[str, float, str | None], ...] = ()  # applied: name, scale, file sha256
     # what was consumed so far, for the request log: the text and when its first piece came
     parts: list[str] = field(default_factory=list, repr=False)
     first_text_at: float | None = None  # time.monotonic()

@@ -30,6 +30,15 @@ class ModelLoadError(EngineError):
         self.reason = reason
 
 
+class AdapterLoadError(EngineError):
+    """A LoRA adapter file is wrong for its base model or cannot be loaded; the reason says why."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        super().__init__(f"cannot use adapter {Path(path).name}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
 class ChatTemplateError(EngineError):
     """The conversation cannot be rendered with the model's chat template."""
 
@@ -129,6 +138,21 @@ class Sampler(Protocol):
     def close(self) -> None: ...
 
 
+class LoadedAdapter(Protocol):
+    """A LoRA adapter loaded on top of one model's weights (which it shares with every other)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def close(self) -> None:
+        """Free it; the caller guarantees no decode uses it any more."""
+        ...
+
+
+# The adapters a decode applies, with their scales; empty: the base model alone.
+AdapterSet = tuple[tuple[LoadedAdapter, float], ...]
+
+
 class LoadedModel(Protocol):
     """A model loaded with ``n_slots`` independent sequence slots sharing its weights."""
 
@@ -151,8 +175,15 @@ class LoadedModel(Protocol):
 
     def new_sampler(self, params: SamplingParams) -> Sampler: ...
 
-    def decode(self, items: Sequence[BatchItem]) -> list[list[int]]:
-        """Evaluate one batch; returns, per item, the output indices of the logits it asked for."""
+    def decode(self, items: Sequence[BatchItem], adapters: AdapterSet = ()) -> list[list[int]]:
+        """Evaluate one batch with these adapters applied to every item of it.
+
+        Returns, per item, the output indices of the logits it asked for.
+        """
+        ...
+
+    def load_adapter(self, path: Path, name: str) -> LoadedAdapter:
+        """Load a LoRA adapter for this model; safe to call while another thread decodes."""
         ...
 
     def truncate_slot(self, slot: int, n_keep: int) -> None:

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from engines.base import (
+    AdapterLoadError,
+    AdapterSet,
     BatchItem,
     ChatMessage,
     DecodeError,
@@ -142,8 +144,30 @@ class GgufSampler:
             self._chain = None
 
 
+class GgufAdapter:
+    """A LoRA adapter llama.cpp loaded for one model; its tensors live beside the shared weights."""
+
+    def __init__(self, model: GgufModel, name: str, pointer: Any) -> None:
+        self._model = model
+        self._name = name
+        self.pointer: Any = pointer
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def close(self) -> None:
+        self._model._free_adapter(self)
+
+
 class GgufModel:
-    """A loaded GGUF model with one llama.cpp context of ``n_slots`` sequences."""
+    """A loaded GGUF model with one llama.cpp context of ``n_slots`` sequences.
+
+    LoRA adapters apply to the whole context, so each ``decode`` call sets the adapter set of the
+    items it holds (llama.cpp does nothing when the set is unchanged) and the scheduler groups
+    sequences by adapter set. One lock orders decoding against loading and freeing adapters,
+    which the API does from other threads.
+    """
 
     def __init__(self, path: Path, options: LoadOptions) -> None:
         check_gguf_file(path)
@@ -172,6 +196,9 @@ class GgufModel:
             lib.llama_model_free(model)
             raise ModelLoadError(path, "llama.cpp could not create a context (out of memory?)")
         self._ctx: Any = ctx
+        self._lock = threading.RLock()
+        self._adapters: set[GgufAdapter] = set()
+        self._applied: tuple[tuple[Any, float], ...] = ()
         self._memory = lib.llama_get_memory(ctx)
         self._batch: Any = lib.llama_batch_init(options.n_batch, 0, 1)
         self._pieces: dict[int, bytes] = {}
@@ -269,7 +296,46 @@ class GgufModel:
     def new_sampler(self, params: SamplingParams) -> GgufSampler:
         return GgufSampler(self._lib, self._ctx, self._n_vocab, params)
 
-    def decode(self, items: Sequence[BatchItem]) -> list[list[int]]:
+    def load_adapter(self, path: Path, name: str) -> GgufAdapter:
+        with self._lock:
+            pointer = self._lib.llama_adapter_lora_init(self._model, str(path).encode("utf-8"))
+            if not pointer:
+                raise AdapterLoadError(path, "llama.cpp refused it (its log above says why)")
+            adapter = GgufAdapter(self, name, pointer)
+            self._adapters.add(adapter)
+        return adapter
+
+    def _free_adapter(self, adapter: GgufAdapter) -> None:
+        with self._lock:
+            if adapter not in self._adapters:
+                return
+            if any(pointer == adapter.pointer for pointer, _ in self._applied):
+                self._apply(())  # the context must not keep a pointer to freed tensors
+            self._lib.llama_adapter_lora_free(adapter.pointer)
+            self._adapters.discard(adapter)
+            adapter.pointer = None
+
+    def _apply(self, wanted: tuple[tuple[Any, float], ...]) -> None:
+        if wanted == self._applied:
+            return
+        lib, n = self._lib, len(wanted)
+        pointers = (lib.llama_adapter_lora_p_ctypes * max(1, n))(*(p for p, _ in wanted))
+        scales = (ctypes.c_float * max(1, n))(*(s for _, s in wanted))
+        rc = lib.llama_set_adapters_lora(self._ctx, pointers, n, scales)
+        if rc != 0:
+            raise DecodeError(f"llama_set_adapters_lora returned {rc}")
+        self._applied = wanted
+
+    def decode(self, items: Sequence[BatchItem], adapters: AdapterSet = ()) -> list[list[int]]:
+        with self._lock:
+            wanted = []
+            for adapter, scale in adapters:
+                assert isinstance(adapter, GgufAdapter) and adapter.pointer is not None, "adapter freed or foreign"
+                wanted.append((adapter.pointer, scale))
+            self._apply(tuple(wanted))
+            return self._decode(items)
+
+    def _decode(self, items: Sequence[BatchItem]) -> list[list[int]]:
         batch = self._batch
         total = sum(len(item.tokens) for item in items)
         if total > self._options.n_batch:
@@ -301,6 +367,8 @@ class GgufModel:
 
     def close(self) -> None:
         lib = self._lib
+        for adapter in list(self._adapters):
+            adapter.close()
         if self._batch is not None:
             lib.llama_batch_free(self._batch)
             self._batch = None

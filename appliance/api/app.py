@@ -14,15 +14,22 @@ from appliance import __version__
 from appliance.api.edge import EdgeMiddleware
 from appliance.api.errors import install_error_handlers
 from appliance.api.logs import router as logs_router
+from appliance.api.loras import router as loras_router
 from appliance.api.metrics import metrics_registry
 from appliance.api.recording import record_invalid
 from appliance.api.routes import router, v1
 from appliance.config import Settings
+from appliance.lora.sync import AdapterSync
 from appliance.requestlog.writer import DisabledLog, RequestLog
 from appliance.scheduler import Scheduler
 
 
-def create_app(scheduler: Scheduler, settings: Settings, request_log: RequestLog | None = None) -> FastAPI:
+def create_app(
+    scheduler: Scheduler,
+    settings: Settings,
+    request_log: RequestLog | None = None,
+    loras: AdapterSync | None = None,
+) -> FastAPI:
     app = FastAPI(
         title="LLM appliance",
         version=__version__,
@@ -31,11 +38,14 @@ def create_app(scheduler: Scheduler, settings: Settings, request_log: RequestLog
     app.state.scheduler = scheduler
     app.state.settings = settings
     app.state.request_log = request_log or DisabledLog()
+    app.state.loras = loras
     app.state.started = int(time.time())
     app.state.metrics = metrics_registry(scheduler, app.state.request_log)
     app.include_router(router)
     app.include_router(v1)
     app.include_router(logs_router)
+    app.include_router(loras_router)
     install_error_handlers(app, on_invalid=record_invalid)
-    app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes)
+    uploads = {"/v1/appliance/loras": int(settings.max_upload_mb * (1 << 20))}
+    app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes, uploads=uploads)
     return app

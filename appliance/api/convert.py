@@ -43,6 +43,16 @@ def _common_checks(req: _Sampling) -> None:
         raise APIError(400, "stream_options is only allowed when stream is true.", param="stream_options")
 
 
+def lora_choices(req: _Sampling) -> tuple[tuple[str, float], ...]:
+    """The ``lora`` field as (name, scale) pairs; one name twice is a mistake worth saying."""
+    choices = tuple((c.name, c.scale) for c in req.lora or ())
+    names = [name for name, _ in choices]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise APIError(400, f"The LoRA adapter '{name}' is listed twice.", param=f"lora.{i}.name")
+    return choices
+
+
 def sampling_overrides(req: _Sampling) -> dict[str, Any]:
     """Only the values the client set: the model's own defaults fill the rest."""
     return {name: getattr(req, name) for name in _SAMPLING_FIELDS if getattr(req, name) is not None}
@@ -93,6 +103,7 @@ def chat_request(req: ChatCompletionRequest) -> GenerationRequest:
         messages=tuple(messages),
         max_tokens=max_tokens,
         stop=stop_strings(req.stop),
+        adapters=lora_choices(req),
     )
 
 
@@ -111,6 +122,7 @@ def completion_requests(req: CompletionRequest) -> list[GenerationRequest]:
         "sampling": sampling_overrides(req),
         "max_tokens": req.max_tokens if req.max_tokens is not None else LEGACY_COMPLETIONS_MAX_TOKENS,
         "stop": stop_strings(req.stop),
+        "adapters": lora_choices(req),
     }
     if isinstance(prompt, str):
         return [GenerationRequest(prompt=prompt, **common)]

@@ -22,20 +22,22 @@ from appliance.api.errors import APIError, error_body
 
 
 class EdgeMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, uploads: dict[str, int] | None = None) -> None:
         self.app = app
-        self.max_body_bytes = max_body_bytes
+        self.default_limit = max_body_bytes
+        self.uploads = uploads or {}  # path -> its own, larger limit (file uploads)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         rid = uuid.uuid4().hex
+        limit = self.uploads.get(scope["path"], self.default_limit)
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = rid
         declared = dict(scope.get("headers", ())).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._too_large(send, rid)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._too_large(send, rid, limit)
             return
         received = 0
 
@@ -44,8 +46,8 @@ class EdgeMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise StarletteHTTPException(413, self._too_large_message())
+                if received > limit:
+                    raise StarletteHTTPException(413, self._too_large_message(limit))
             return message
 
         async def send_with_id(message: Message) -> None:
@@ -57,11 +59,12 @@ class EdgeMiddleware:
 
         await self.app(scope, limited_receive, send_with_id)
 
-    def _too_large_message(self) -> str:
-        return f"Request body too large: the limit is {self.max_body_bytes} bytes."
+    @staticmethod
+    def _too_large_message(limit: int) -> str:
+        return f"Request body too large: the limit is {limit} bytes."
 
-    async def _too_large(self, send: Send, rid: str) -> None:
-        body = json.dumps(error_body(413, self._too_large_message(), code="request_too_large")).encode()
+    async def _too_large(self, send: Send, rid: str, limit: int) -> None:
+        body = json.dumps(error_body(413, self._too_large_message(limit), code="request_too_large")).encode()
         await send(
             {
                 "type": "http.response.start",

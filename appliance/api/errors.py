@@ -23,6 +23,7 @@ from appliance.generation import (
     InvalidPromptError,
     QueueFullError,
     ShuttingDownError,
+    UnknownAdapterError,
     UnknownModelError,
 )
 
@@ -58,6 +59,8 @@ def from_appliance_error(exc: ApplianceError) -> APIError:
     """The one mapping from internal error classes to HTTP."""
     if isinstance(exc, UnknownModelError):
         return APIError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, UnknownAdapterError):
+        return APIError(400, str(exc), param="lora", code="lora_not_found")
     if isinstance(exc, ContextLengthError):
         return APIError(400, str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, InvalidPromptError):

@@ -34,6 +34,15 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class LoraChoice(BaseModel):
+    """One adapter of a request's ``lora`` field, as llama-server takes it but by name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    scale: float = Field(1.0, ge=-16, le=16, allow_inf_nan=False)
+
+
 class _Sampling(_Request):
     """Sampling fields shared by chat and completions (OpenAI's plus llama.cpp's common extras)."""
 
@@ -54,6 +63,7 @@ class _Sampling(_Request):
     stream_options: StreamOptions | None = None
     logprobs: Any = None
     logit_bias: dict[str, float] | None = None
+    lora: list[LoraChoice] | None = Field(None, max_length=16)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -151,6 +161,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "appliance"
+    parent: str | None = None  # for a LoRA adapter: the model it runs on
 
 
 class ModelList(BaseModel):

@@ -140,10 +140,12 @@ class Exchange:
     def _record(self, status: Status, http_status: int | None, error: str | None) -> ExchangeRecord:
         gens = self.generations
         finishes = [g.finish for g in gens if g.finish is not None]
-        model = gens[0].model if gens else str(self._body.get("model", ""))
+        model = gens[0].base_model or gens[0].model if gens else str(self._body.get("model", ""))
         provenance: dict[str, Any] = {}
+        adapters: list[dict[str, Any]] = []
         if gens:
             provenance = self._request.app.state.scheduler.resolve(model).provenance
+            adapters = [{"name": n, "scale": scale, "sha256": sha} for n, scale, sha in gens[0].adapters]
         first = [g.first_text_at for g in gens if g.first_text_at is not None]
         choices = [
             {"index": i, "text": g.text, "finish_reason": g.finish.finish_reason if g.finish else None}
@@ -167,6 +169,7 @@ class Exchange:
             ttft_ms=(min(first) - self._start) * 1000 if first else None,
             http_status=http_status,
             error=error,
+            adapters=adapters,
             **provenance,
         )
 

@@ -75,14 +75,20 @@ async def metrics(request: Request) -> Response:
 
 @v1.get("/models")
 async def list_models(request: Request) -> ModelList:
-    created = request.app.state.started
-    return ModelList(data=[ModelCard(id=m, created=created) for m in _scheduler(request).model_ids])
+    """The loaded models, then each loaded LoRA adapter as a model of its own (``parent``: its base)."""
+    scheduler, created = _scheduler(request), request.app.state.started
+    cards = [ModelCard(id=m, created=created) for m in scheduler.model_ids]
+    cards += [ModelCard(id=m, created=c, parent=parent) for m, parent, c in scheduler.adapter_models()]
+    return ModelList(data=cards)
 
 
-@v1.get("/models/{model_id}")
+@v1.get("/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> ModelCard:
-    runner = _scheduler(request).resolve(model_id)
-    return ModelCard(id=runner.model_id, created=request.app.state.started)
+    runner, adapter = _scheduler(request).target(model_id)
+    if adapter is None:
+        return ModelCard(id=runner.model_id, created=request.app.state.started)
+    _, created, _ = runner.adapters().get(adapter, (None, 0, 0))
+    return ModelCard(id=f"{runner.model_id}:{adapter}", created=created, parent=runner.model_id)
 
 
 @v1.post("/chat/completions", response_model=None)
