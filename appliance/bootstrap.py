@@ -91,6 +91,7 @@ def load_runner(spec: ModelSpec, settings: Settings, paths: Paths, *, progress: 
         max_queue=settings.max_queue,
         queue_timeout=settings.queue_timeout,
         prefix_cache=settings.prefix_cache,
+        exact_adapters=not settings.lora_batching,
         speculative=(settings.speculative or spec.speculative) == "prompt-lookup",
         draft_max=spec.draft_max,
     )

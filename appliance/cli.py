@@ -52,6 +52,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "disable flash attention (slower batches; solo and batched answers identical at any length)",
     )
     p.add_argument(
+        "--lora-batching",
+        action="store_true",
+        default=None,
+        help="decode requests on the same LoRA adapter together (faster; answers may differ from solo ones)",
+    )
+    p.add_argument(
         "--speculative",
         choices=["off", "prompt-lookup"],
         help="speculative decoding for every model (default: per model, in models.toml)",
@@ -62,6 +68,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-max-rows", type=int, help="keep at most this many logged exchanges")
     p.add_argument("--log-max-mb", type=float, help="keep the request log under this size")
     p.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default 8 MiB)")
+    p.add_argument("--max-upload-mb", type=float, help="largest LoRA adapter upload accepted (default 4096)")
     _switch_off(p, "--no-verify", "verify_sha256", "skip the sha256 check of model files")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 

@@ -65,6 +65,11 @@ class Settings(BaseModel):
     flash_attn: bool = Field(
         True, description="Flash attention: faster batches; off makes solo and batched answers identical at any length."
     )
+    lora_batching: bool = Field(
+        False,
+        description="Decode requests on the same LoRA adapter together: faster, but an answer may then differ "
+        "(near ties) from the one it gets alone; off, each adapter request decodes on its own.",
+    )
     prefix_cache: bool = Field(True, description="Reuse a finished slot's KV cache for a prompt sharing its prefix.")
     speculative: Literal["off", "prompt-lookup"] | None = Field(
         None, description="Speculative decoding for every model; default: each model's own setting in models.toml."

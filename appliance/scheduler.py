@@ -57,6 +57,10 @@ class RunnerConfig:
     prefix_cache: bool = True
     speculative: bool = False
     draft_max: int = 8
+    # Decode each LoRA sequence in its own call. llama.cpp's CPU matmul takes llamafile's sgemm
+    # for >= 2 tokens and ggml's vec_dot for one, which round the f32/f16 adapter factors
+    # differently: batched, an adapter's answer can differ (near ties) from its answer alone.
+    exact_adapters: bool = True
 
 
 @dataclass(eq=False)
@@ -421,8 +425,9 @@ class ModelRunner:
             if seq.job.cancel.is_set():
                 self._finish(seq, "cancelled")
 
-    def _by_adapters(self, seqs: list[_Sequence]) -> list[list[_Sequence]]:
-        """Sequences grouped by adapter set, the set applied last first.
+    def _by_adapters(self, seqs: list[_Sequence], *, split: bool = False) -> list[list[_Sequence]]:
+        """Sequences grouped by adapter set, the set applied last first; with ``split``, each
+        sequence with adapters alone (see ``RunnerConfig.exact_adapters``).
 
         LoRA adapters apply to a whole llama.cpp context, so each set gets its own decode call,
         and switching sets makes llama.cpp re-reserve its compute graph (~7 ms here). Starting
@@ -432,7 +437,10 @@ class ModelRunner:
         groups: dict[AdapterKey, list[_Sequence]] = {}
         for seq in seqs:
             groups.setdefault(seq.job.adapters, []).append(seq)
-        return sorted(groups.values(), key=lambda g: g[0].job.adapters != self._applied)
+        calls: list[list[_Sequence]] = []
+        for group in sorted(groups.values(), key=lambda g: g[0].job.adapters != self._applied):
+            calls.extend([[seq] for seq in group] if split and group[0].job.adapters else [group])
+        return calls
 
     def _decode(self, items: list[BatchItem], adapters: AdapterKey) -> list[list[int]]:
         self._applied = adapters
@@ -454,7 +462,7 @@ class ModelRunner:
         decoding = [seq for _, seq in sorted(self._active.items()) if seq.pending is not None]
         if decoding:
             budget -= len(decoding)
-            for group in self._by_adapters(decoding):
+            for group in self._by_adapters(decoding, split=self.config.exact_adapters):
                 items, drafts = [], []
                 for seq in group:
                     assert seq.pending is not None
