@@ -82,13 +82,13 @@ class AdapterStore:
         return (st.st_ino, st.st_mtime_ns)  # each rewrite is a new file: a new inode
 
     def records(self) -> list[AdapterRecord]:
+        if not self.manifest.exists():
+            return []
         try:
             data = json.loads(self.manifest.read_text("utf-8"))
-        except FileNotFoundError:
-            return []
-        except (OSError, ValueError) as exc:
+            return [AdapterRecord.model_validate(item) for item in data.get("adapters", [])]
+        except (OSError, ValueError, AttributeError) as exc:  # pydantic's ValidationError is a ValueError
             raise AdapterStoreError(f"cannot read the adapter list {self.manifest}: {exc}") from exc
-        return [AdapterRecord.model_validate(item) for item in data.get("adapters", [])]
 
     def get(self, name: str) -> AdapterRecord:
         for record in self.records():

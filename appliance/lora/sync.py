@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.generation import UnknownModelError
 from appliance.lora.store import AdapterRecord, AdapterStore, AdapterStoreError
 from appliance.scheduler import Scheduler
 from engines.base import AdapterLoadError
@@ -75,7 +76,7 @@ class AdapterSync:
     def _state(self, record: AdapterRecord) -> AdapterState:
         try:
             loaded = self._scheduler.resolve(record.base).adapters().get(record.name)
-        except Exception:  # its base model is not served here
+        except UnknownModelError:  # its base model is not served here
             loaded = None
         return AdapterState(record, loaded is not None, loaded[2] if loaded else 0, self._errors.get(record.name))
 
