@@ -640,9 +640,10 @@ class Scheduler:
     def stats(self) -> list[RunnerStats]:
         return [r.stats() for r in self._runners.values()]
 
-    def prepare(self, request: GenerationRequest) -> tuple[ModelRunner, list[int], int]:
-        """Render and tokenize the prompt and bound the completion (blocking: run it off the loop)."""
-        runner = self.resolve(request.model)
+    def prepare(self, request: GenerationRequest) -> tuple[ModelRunner, str | None, list[int], int]:
+        """Resolve the model (and adapter) id, render and tokenize the prompt and bound the completion
+        (blocking: run it off the loop)."""
+        runner, implied = self.target(request.model)
         model = runner.model
         if request.messages is not None:
             try:
@@ -663,13 +664,12 @@ class Scheduler:
         if len(tokens) >= n_ctx or (request.max_tokens is not None and len(tokens) + request.max_tokens > n_ctx):
             raise ContextLengthError(n_ctx, len(tokens), request.max_tokens)
         max_tokens = request.max_tokens if request.max_tokens is not None else n_ctx - len(tokens)
-        return runner, tokens, max_tokens
+        return runner, implied, tokens, max_tokens
 
     async def submit(self, request: GenerationRequest, request_id: str | None = None) -> Generation:
         if not self._accepting:
             raise ShuttingDownError()
-        runner, tokens, max_tokens = await asyncio.to_thread(self.prepare, request)
-        _, implied = self.target(request.model)
+        runner, implied, tokens, max_tokens = await asyncio.to_thread(self.prepare, request)
         choices = self.adapter_choices(implied, request.adapters)
         adapters = runner.acquire_adapters(choices)
         queue: asyncio.Queue[Event] = asyncio.Queue()

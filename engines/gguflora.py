@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engines.base import AdapterLoadError
+from engines.base import AdapterLoadError, ModelLoadError
 from engines.gguf import GGUF_MAGIC
+from engines.ggufmeta import open_reader
 
 SUFFIX_A = ".lora_a"
 SUFFIX_B = ".lora_b"
@@ -56,27 +57,12 @@ class LoraInfo:
         return [t.target for t in self.tensors]
 
 
-def _reader(path: Path, what: str) -> Any:
-    """A ``GGUFReader`` of a sound file, or ``AdapterLoadError`` saying what is wrong with it."""
-    if not path.is_file():
-        raise AdapterLoadError(path, f"the {what} file does not exist")
-    with path.open("rb") as fh:
-        if fh.read(4) != GGUF_MAGIC:
-            raise AdapterLoadError(path, f"the {what} is not a GGUF file (bad magic bytes)")
-    import gguf  # lazy: only adding an adapter needs it
-
+def _reader(path: Path) -> Any:
+    """A ``GGUFReader`` of a sound adapter file, or ``AdapterLoadError`` saying what is wrong with it."""
     try:
-        reader = gguf.GGUFReader(str(path), "r")
-    except Exception as exc:  # gguf raises ValueError/IndexError/struct errors on damage
-        raise AdapterLoadError(path, f"the {what} is corrupt or truncated ({type(exc).__name__}: {exc})") from exc
-    size = path.stat().st_size
-    for tensor in reader.tensors:
-        end = int(tensor.data_offset) + int(tensor.n_bytes)
-        if end > size:
-            raise AdapterLoadError(
-                path, f"the {what} is truncated: tensor {tensor.name} needs bytes up to {end}, the file has {size}"
-            )
-    return reader
+        return open_reader(path)
+    except ModelLoadError as exc:
+        raise AdapterLoadError(path, exc.reason) from exc
 
 
 def _field(reader: Any, key: str) -> Any:
@@ -90,7 +76,7 @@ def _shape(tensor: Any) -> tuple[int, ...]:
 
 def read_lora_info(path: Path) -> LoraInfo:
     """Parse an adapter's header; refuse anything llama.cpp would not load as a LoRA."""
-    reader = _reader(path, "adapter")
+    reader = _reader(path)
     general_type = _field(reader, "general.type")
     if general_type != "adapter":
         found = f"general.type is {general_type!r}" if general_type else "it has no general.type"

@@ -31,8 +31,8 @@ def _field(reader: Any, key: str) -> Any:
     return None if field is None else field.contents()
 
 
-def read_gguf_info(path: Path) -> GgufInfo:
-    """Parse the header and tensor table; raise ``ModelLoadError`` saying what is wrong."""
+def open_reader(path: Path) -> Any:
+    """A ``GGUFReader`` of a sound, complete GGUF file; ``ModelLoadError`` says what is wrong."""
     check_gguf_file(path)
     import gguf  # lazy: only the import path of the CLI needs it
 
@@ -45,6 +45,14 @@ def read_gguf_info(path: Path) -> GgufInfo:
         end = int(tensor.data_offset) + int(tensor.n_bytes)
         if end > size:
             raise ModelLoadError(path, f"truncated: tensor {tensor.name} needs bytes up to {end}, file has {size}")
+    return reader
+
+
+def read_gguf_info(path: Path) -> GgufInfo:
+    """Parse the header and tensor table; raise ``ModelLoadError`` saying what is wrong."""
+    import gguf
+
+    reader = open_reader(path)
     arch = _field(reader, "general.architecture")
     if not isinstance(arch, str):
         raise ModelLoadError(path, "no general.architecture in its metadata")
