@@ -1,4 +1,4 @@
-"""The one composition root: settings -> registry -> engines -> scheduler -> API -> server.
+"""The one composition root: settings -> registry -> hardware plan -> engines -> scheduler -> API -> server.
 
 Everything is built here and handed down; nothing below reaches back up for configuration.
 """
@@ -21,6 +21,10 @@ import uvicorn
 
 from appliance.api.app import create_app
 from appliance.config import Paths, Settings
+from appliance.hardware.detect import detect
+from appliance.hardware.facts import HardwareFacts
+from appliance.hardware.planner import ModelPlan, ModelRequest, Overrides, plan_models
+from appliance.hardware.report import HardwareReport, build_report, hardware_summary
 from appliance.lora.store import AdapterStore
 from appliance.lora.sync import AdapterSync
 from appliance.modelstore import ModelFileError, verify_model_file
@@ -31,6 +35,7 @@ from appliance.requestlog.writer import DisabledLog, LogWriter, Retention
 from appliance.scheduler import ModelRunner, RunnerConfig, Scheduler
 from engines.base import Engine, LoadOptions, ModelLoadError, SamplingParams
 from engines.gguf import GgufEngine
+from engines.ggufmeta import model_shape
 
 log = logging.getLogger("appliance")
 
@@ -70,24 +75,25 @@ def sampling_defaults(spec: ModelSpec) -> SamplingParams:
     return SamplingParams(**spec.sampling.model_dump(exclude_none=True))
 
 
-def load_runner(spec: ModelSpec, settings: Settings, paths: Paths, *, progress: bool = True) -> ModelRunner:
-    path = verify_model_file(paths, spec, check_sha256=settings.verify_sha256, progress=progress)
-    n_ctx = settings.ctx_size
-    if spec.context_length and n_ctx > spec.context_length:
-        log.warning("%s: --ctx-size %d exceeds its trained context; using %d", spec.id, n_ctx, spec.context_length)
-        n_ctx = spec.context_length
+def load_runner(spec: ModelSpec, settings: Settings, paths: Paths, plan: ModelPlan) -> ModelRunner:
+    """Load one model as its plan says."""
+    path = verify_model_file(paths, spec, check_sha256=settings.verify_sha256, progress=sys.stderr.isatty())
     options = LoadOptions(
-        n_ctx_per_slot=n_ctx,
-        n_slots=settings.parallel,
-        n_threads=settings.threads,
-        n_threads_batch=settings.threads,
-        n_batch=settings.batch_size,
+        n_ctx_per_slot=plan.ctx_size.value,
+        n_slots=plan.slots.value,
+        n_threads=plan.threads.value,
+        n_threads_batch=plan.threads.value,
+        n_batch=plan.batch_size.value,
+        n_gpu_layers=plan.gpu_layers.value,
+        gpu_devices=plan.gpu_devices,
+        tensor_split=plan.tensor_split,
+        main_gpu=plan.main_gpu,
         chat_template_override=spec.chat_template,
         flash_attn=settings.flash_attn,
     )
     model = ENGINES[spec.engine]().load(path, options)
     config = RunnerConfig(
-        n_batch=settings.batch_size,
+        n_batch=plan.batch_size.value,
         max_queue=settings.max_queue,
         queue_timeout=settings.queue_timeout,
         prefix_cache=settings.prefix_cache,
@@ -103,6 +109,117 @@ def load_runner(spec: ModelSpec, settings: Settings, paths: Paths, *, progress: 
         "device": model.facts.backend,
     }
     return ModelRunner(spec.id, model, config, sampling_defaults=sampling_defaults(spec), provenance=provenance)
+
+
+# Settings the planner takes as overrides, and the flag that sets each (the report names it)
+_OVERRIDES = {
+    "device": "--device",
+    "gpu_layers": "--gpu-layers",
+    "threads": "--threads",
+    "slots": "--parallel",
+    "batch_size": "--batch-size",
+    "ctx_size": "--ctx-size",
+}
+
+
+def model_request(spec: ModelSpec, settings: Settings, paths: Paths) -> ModelRequest:
+    """What the planner needs of a model: its sizes from the file's header, and the user's overrides.
+
+    A per-model value in models.toml wins over the server-wide setting.
+    """
+    values: dict[str, Any] = {
+        "device": settings.device,
+        "gpu_layers": settings.gpu_layers,
+        "threads": settings.threads,
+        "slots": settings.parallel,
+        "batch_size": settings.batch_size,
+        "ctx_size": settings.ctx_size,
+    }
+    sources = {name: flag for name, flag in _OVERRIDES.items()}
+    for name in ("device", "gpu_layers", "threads"):
+        value = getattr(spec, name)
+        if value is not None:
+            values[name] = value
+            sources[name] = f"models.toml ({spec.id}.{name})"
+    overrides = Overrides(**values, sources=sources)
+    try:
+        shape = model_shape(spec.resolve_file(paths.models_dir))
+    except (RegistryError, ModelLoadError) as exc:
+        return ModelRequest(spec.id, spec.engine, None, overrides, problem=str(exc))
+    return ModelRequest(spec.id, spec.engine, shape, overrides)
+
+
+def plan_serving(
+    settings: Settings, paths: Paths, registry: Registry, hardware: HardwareFacts
+) -> list[tuple[ModelSpec, ModelPlan]]:
+    """The models to serve, each with its plan; they share the machine, so they are planned together."""
+    names = settings.models or ((registry.default_model,) if registry.default_model else ())
+    if not names:
+        raise StartupError("no model to serve: models.toml lists none")
+    try:
+        specs = [registry.get(name) for name in names]
+    except RegistryError as exc:
+        raise StartupError(str(exc)) from exc
+    plans = plan_models(hardware, [model_request(spec, settings, paths) for spec in specs])
+    return list(zip(specs, plans, strict=True))
+
+
+def hide_gpus_if_engine_hung(hardware: HardwareFacts) -> None:
+    """When the engine probe hung or crashed, keep llama.cpp in this process away from the GPU drivers.
+
+    The plan is then CPU-only anyway; hiding the devices stops the backend's own initialisation
+    from hanging the server on the same driver.
+    """
+    probe = hardware.probe("engines")
+    if probe is not None and probe.status in ("timeout", "failed"):
+        for var in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"):
+            os.environ[var] = ""
+        log.warning("the engine probe %s: GPUs are hidden from llama.cpp so start-up cannot hang", probe.status)
+
+
+def build_scheduler(
+    settings: Settings,
+    paths: Paths,
+    registry: Registry | None = None,
+    planned: list[tuple[ModelSpec, ModelPlan]] | None = None,
+) -> Scheduler:
+    """Load every planned model (detecting the hardware and planning first if not done)."""
+    registry = registry or load_registry(paths)
+    if planned is None:
+        planned = plan_serving(settings, paths, registry, detect(settings.probe_timeout))
+    scheduler = Scheduler()
+    try:
+        for spec, plan in planned:
+            if plan.error:
+                raise StartupError(f"{spec.id}: {plan.error}")
+            runner = load_runner(spec, settings, paths, plan)
+            scheduler.add(runner, aliases=spec.aliases)
+    except (RegistryError, ModelFileError, ModelLoadError) as exc:
+        scheduler.stop()
+        raise StartupError(str(exc)) from exc
+    except StartupError:
+        scheduler.stop()
+        raise
+    return scheduler
+
+
+def detect_and_plan(settings: Settings, paths: Paths) -> tuple[list[tuple[ModelSpec, ModelPlan]], HardwareReport]:
+    """Probe the machine, plan the models, and say so in the log: one line each, and every warning."""
+    hardware = detect(settings.probe_timeout)
+    hide_gpus_if_engine_hung(hardware)
+    try:
+        registry = load_registry(paths)
+    except RegistryError as exc:
+        raise StartupError(str(exc)) from exc
+    planned = plan_serving(settings, paths, registry, hardware)
+    report = build_report(hardware, [plan for _, plan in planned])
+    log.info("hardware: %s", hardware_summary(hardware))
+    for advice in [*report.advice, *(a for p in report.plans for a in p.advice)]:
+        emit = log.warning if advice.level != "info" else log.info
+        emit("%s%s", advice.message, f" (fix: {advice.fix})" if advice.fix else "")
+    for plan in report.plans:
+        log.info("plan: %s", plan.summary())
+    return planned, report
 
 
 def build_request_log(settings: Settings, paths: Paths) -> LogWriter | DisabledLog:
@@ -145,23 +262,6 @@ def build_adapters(scheduler: Scheduler, paths: Paths) -> AdapterSync:
     return sync
 
 
-def build_scheduler(settings: Settings, paths: Paths, registry: Registry | None = None) -> Scheduler:
-    registry = registry or load_registry(paths)
-    names = settings.models or ((registry.default_model,) if registry.default_model else ())
-    if not names:
-        raise StartupError("no model to serve: models.toml lists none")
-    scheduler = Scheduler()
-    try:
-        for name in names:
-            spec = registry.get(name)
-            runner = load_runner(spec, settings, paths, progress=sys.stderr.isatty())
-            scheduler.add(runner, aliases=spec.aliases)
-    except (RegistryError, ModelFileError, ModelLoadError) as exc:
-        scheduler.stop()
-        raise StartupError(str(exc)) from exc
-    return scheduler
-
-
 def tcp_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
@@ -197,7 +297,8 @@ def unix_socket(path: Path) -> socket.socket:
 def serve(settings: Settings, paths: Paths) -> None:
     """Load the models, listen, serve until SIGINT/SIGTERM, then shut down cleanly."""
     check_exposure(settings)
-    scheduler = build_scheduler(settings, paths)
+    planned, hardware = detect_and_plan(settings, paths)
+    scheduler = build_scheduler(settings, paths, planned=planned)
     adapters = build_adapters(scheduler, paths)
     request_log = build_request_log(settings, paths)
     sockets: list[socket.socket] = []
@@ -205,7 +306,7 @@ def serve(settings: Settings, paths: Paths) -> None:
         sockets.append(tcp_socket(settings.host, settings.port))
         if settings.socket:
             sockets.append(unix_socket(settings.socket))
-        app = create_app(scheduler, settings, request_log, adapters)
+        app = create_app(scheduler, settings, request_log, adapters, hardware)
         config = uvicorn.Config(
             app,
             log_config=None,

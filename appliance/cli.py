@@ -1,4 +1,4 @@
-"""Argument parsing only: ``appliance --serve``, ``appliance serve``, ``appliance models|logs|lora ...``.
+"""Argument parsing only: ``appliance --serve``, ``appliance serve``, ``appliance doctor|models|logs|lora ...``.
 
 Each command hands off to the module that owns the work; user-facing failures print one clear
 line and exit 1, never a traceback.
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance import __version__, logs_cli, lora_cli
-from appliance.config import DEFAULT_PORT, ConfigError, Settings, app_paths, load_settings
+from appliance.config import DEFAULT_PORT, ConfigError, Paths, Settings, app_paths, load_settings
 
 
 def _switch_off(p: argparse.ArgumentParser, flag: str, dest: str, help: str) -> None:
@@ -23,11 +23,8 @@ def _switch_off(p: argparse.ArgumentParser, flag: str, dest: str, help: str) -> 
     p.add_argument(flag, dest=dest, action="store_false", default=None, help=help)
 
 
-def _serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", help="address to listen on (default 127.0.0.1; others need --api-key)")
-    p.add_argument("--port", type=int, help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
-    p.add_argument("--socket", type=Path, help="also listen on this Unix socket (created with mode 0600)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (env APPLIANCE_API_KEY)")
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    """The flags that shape the hardware plan: ``serve`` and ``doctor`` share them."""
     p.add_argument(
         "--model",
         "-m",
@@ -36,10 +33,25 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         metavar="ID",
         help="model id or alias to serve; repeat for several (default: the default model)",
     )
-    p.add_argument("--ctx-size", "-c", type=int, help="context length per slot in tokens (default 4096)")
-    p.add_argument("--parallel", "-np", type=int, help="concurrent sequence slots per model (default 8)")
-    p.add_argument("--threads", "-t", type=int, help="CPU threads (default: cores available)")
+    p.add_argument("--ctx-size", "-c", type=int, help="context length per slot in tokens (default 4096, if it fits)")
+    p.add_argument("--parallel", "-np", type=int, help="concurrent sequence slots per model (default: planned)")
+    p.add_argument("--threads", "-t", type=int, help="CPU threads (default: the usable physical cores)")
     p.add_argument("--batch-size", "-b", type=int, help="max tokens per decode step (default 512)")
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda", "rocm", "metal", "vulkan"],
+        help="where models run (default auto: CUDA > ROCm > Metal > Vulkan > CPU, among what the build has)",
+    )
+    p.add_argument("--gpu-layers", "-ngl", type=int, help="layers offloaded to the GPU, -1 all (default: what fits)")
+    p.add_argument("--probe-timeout", type=float, help="seconds a hardware probe may take (default 15)")
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1; others need --api-key)")
+    p.add_argument("--port", type=int, help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
+    p.add_argument("--socket", type=Path, help="also listen on this Unix socket (created with mode 0600)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (env APPLIANCE_API_KEY)")
+    _plan_args(p)
     p.add_argument("--max-queue", type=int, help="requests that may wait for a slot before 503 (default 64)")
     p.add_argument("--queue-timeout", type=float, help="seconds a request may wait for a slot (default 60)")
     _switch_off(
@@ -89,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp = msub.add_parser("import", help="import a GGUF file into the model store")
     imp.add_argument("file", type=Path)
     imp.add_argument("--id", dest="model_id", help="model id (default: from the file name)")
+    doctor = sub.add_parser("doctor", help="what hardware is here, and what each model will run on and why")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output (as /v1/appliance/hardware)")
+    _plan_args(doctor)
     logs_cli.add_parser(sub)
     lora_cli.add_parser(sub)
     return parser
@@ -99,14 +114,29 @@ def _fail(message: str) -> int:
     return 1
 
 
+def _settings(args: argparse.Namespace, paths: Paths) -> Settings:
+    # every serve and doctor flag's dest is a Settings field name
+    overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    overrides["models"] = tuple(args.models) if args.models else None
+    return load_settings(paths, overrides)
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from appliance.bootstrap import StartupError
+    from appliance.doctor import run_doctor
+
+    paths = app_paths()
+    try:
+        return run_doctor(_settings(args, paths), paths, as_json=args.json, chosen=bool(args.models))
+    except StartupError as exc:
+        return _fail(str(exc))
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from appliance.bootstrap import StartupError, serve
 
-    # every serve flag's dest is a Settings field name
-    overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
-    overrides["models"] = tuple(args.models) if args.models else None
     paths = app_paths()
-    settings = load_settings(paths, overrides)
+    settings = _settings(args, paths)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         serve(settings, paths)
@@ -165,6 +195,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["--hardware-probe"]:  # the frozen executable running one probe (see hardware.detect)
+        from appliance.hardware.probe import main as probe_main
+
+        return probe_main(args_list[1:])
     if "--serve" in args_list:  # `appliance --serve [options]` is `appliance serve [options]`
         args_list.remove("--serve")
         args_list.insert(0, "serve")
@@ -175,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_serve(args)
         if args.command == "models":
             return _cmd_models(args)
+        if args.command == "doctor":
+            return _cmd_doctor(args)
         if args.command == "logs":
             return logs_cli.run(args, app_paths())
         if args.command == "lora":

@@ -25,20 +25,6 @@ class ConfigError(Exception):
     """A setting is invalid; the message names the setting and where it came from."""
 
 
-def default_parallel() -> int:
-    """Sequence slots: batched decoding gains throughput up to ~8 sequences on a laptop CPU and more
-    on bigger machines (a memory-aware figure comes with the hardware planner)."""
-    return min(16, max(8, 2 * default_threads()))
-
-
-def default_threads() -> int:
-    """Cores this process may run on (physical-core detection comes with the hardware planner)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
 class Settings(BaseModel):
     """Server settings. Field descriptions are the reference documentation (see README)."""
 
@@ -49,15 +35,31 @@ class Settings(BaseModel):
     socket: Path | None = Field(None, description="Also listen on this Unix domain socket (mode 0600).")
     api_key: str | None = Field(None, min_length=8, description="Require 'Authorization: Bearer <key>'.")
     models: tuple[str, ...] = Field((), description="Model ids (or aliases) to load; default: the default model.")
-    ctx_size: int = Field(4096, ge=128, le=1 << 20, description="Context length of each slot, in tokens.")
-    parallel: int = Field(
-        default_factory=default_parallel,
+    ctx_size: int | None = Field(
+        None,
+        ge=128,
+        le=1 << 20,
+        description="Context length of each slot, in tokens; default 4096, reduced by the planner if memory is short.",
+    )
+    parallel: int | None = Field(
+        None,
         ge=1,
         le=256,
-        description="Sequence slots per model (concurrent generations); default 8, up to 16 on many cores.",
+        description="Sequence slots per model (concurrent generations); default: planned (8-16 CPU, 16 GPU).",
     )
-    threads: int = Field(default_factory=default_threads, ge=1, le=1024, description="CPU threads for decoding.")
-    batch_size: int = Field(512, ge=128, le=16384, description="Max tokens per decode step (prompt chunk size).")
+    threads: int | None = Field(None, ge=1, le=1024, description="CPU threads; default: the usable physical cores.")
+    batch_size: int | None = Field(
+        None, ge=128, le=16384, description="Max tokens per decode step (prompt chunk size); default 512."
+    )
+    device: Literal["auto", "cpu", "cuda", "rocm", "metal", "vulkan"] = Field(
+        "auto", description="Where models run: auto picks CUDA > ROCm > Metal > Vulkan > CPU among what the build has."
+    )
+    gpu_layers: int | None = Field(
+        None, ge=-1, description="Layers offloaded to the GPU (-1: all); default: as many as fit in free VRAM."
+    )
+    probe_timeout: float = Field(
+        15.0, gt=0, le=600, description="Seconds a hardware probe may take before it is killed and reported."
+    )
     max_queue: int = Field(64, ge=0, le=100_000, description="Requests that may wait for a slot before 503.")
     queue_timeout: float = Field(
         60.0, gt=0, le=86_400, description="Seconds a request may wait for a slot before it fails with 503."
@@ -98,7 +100,7 @@ class Settings(BaseModel):
 
     @model_validator(mode="after")
     def _batch_holds_every_slot(self) -> Settings:
-        if self.batch_size < self.parallel:
+        if self.batch_size is not None and self.parallel is not None and self.batch_size < self.parallel:
             raise ValueError(f"batch_size ({self.batch_size}) must be at least parallel ({self.parallel})")
         return self
 

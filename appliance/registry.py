@@ -61,6 +61,10 @@ class ModelSpec(BaseModel):
     sampling: SamplingDefaults = SamplingDefaults()
     speculative: Literal["off", "prompt-lookup"] = "off"
     draft_max: int = Field(8, ge=1, le=64)
+    # hardware overrides for this model alone; they win over the server-wide settings
+    device: Literal["auto", "cpu", "cuda", "rocm", "metal", "vulkan"] | None = None
+    gpu_layers: int | None = Field(None, ge=-1)
+    threads: int | None = Field(None, ge=1, le=1024)
     source: str = "built-in"
 
     @model_validator(mode="after")

@@ -79,7 +79,13 @@ class LoadOptions:
     n_threads: int = 2
     n_threads_batch: int = 2
     n_batch: int = 512
+    # Offload: layers on the GPU (counting the output layer, so n_layer + 1 is "all"), the
+    # engine's devices to use by name (e.g. "CUDA0"; empty: CPU only, even in a GPU build), the
+    # share of layers per device, and the device holding the scratch buffers.
     n_gpu_layers: int = 0
+    gpu_devices: tuple[str, ...] = ()
+    tensor_split: tuple[float, ...] = ()
+    main_gpu: int = 0
     chat_template_override: str | None = None
     # On, as llama-server's "auto" does on CPU: it decodes batches ~25% faster here. Its CPU
     # kernel decodes a lone sequence with >= 512 KV cells by splitting the cells across threads,
@@ -103,7 +109,56 @@ class ModelFacts:
     # however a prompt is cut into them; the scheduler's exact prefix caching relies on it.
     exact_chunk: int = 2
     quantization: str | None = None  # e.g. "Q4_1", from the file's metadata
-    backend: str = "cpu"  # where the weights run: "cpu", or the GPU backend once offload exists
+    backend: str = "cpu"  # where the weights run: "cpu", or the GPU devices, e.g. "CUDA0"
+    n_gpu_layers: int = 0
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A model's sizes as its file states them: what the hardware planner needs to fit it.
+
+    Byte counts are of the weights as stored (quantised); the KV cache figure is per token of
+    context for each repeating layer, at llama.cpp's default f16 cache type.
+    """
+
+    architecture: str
+    n_layer: int
+    n_embd: int
+    n_vocab: int
+    n_ctx_train: int | None
+    layer_bytes: tuple[int, ...]  # weights of each repeating layer
+    output_bytes: int  # the output layer (offloaded last, with "all" layers)
+    tied_output: bool  # the output layer reuses the token embeddings (a copy of them on a GPU)
+    input_bytes: int  # token embeddings and the rest, which stay in host memory
+    kv_bytes_per_token: tuple[int, ...]  # per repeating layer
+    file_bytes: int
+
+
+@dataclass(frozen=True)
+class BackendDevice:
+    """One device an engine's build can run on, as the engine itself sees it."""
+
+    name: str  # e.g. "CPU", "CUDA0", "ROCm1", "MTL0", "Vulkan0"
+    backend: str  # the backend that provides it: "CPU", "CUDA", "ROCm", "Metal", "Vulkan", ...
+    kind: str  # "cpu", "gpu" (own memory), "igpu" (host memory), "accel"
+    description: str
+    memory_free: int | None = None
+    memory_total: int | None = None
+    pci_bus_id: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineCapabilities:
+    """What an installed engine runtime can use on this machine; ``installed`` False: not there."""
+
+    engine: str  # "gguf", "onnx"
+    runtime: str  # e.g. "llama-cpp-python 0.3.36"
+    installed: bool
+    gpu_offload: bool = False
+    devices: tuple[BackendDevice, ...] = ()
+    providers: tuple[str, ...] = ()  # onnxruntime execution providers
+    build_info: str = ""  # e.g. llama.cpp's system info line (CPU features it was built for)
+    detail: str = ""  # why it is not installed or not usable
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,11 @@ from typing import Any
 from engines.base import (
     AdapterLoadError,
     AdapterSet,
+    BackendDevice,
     BatchItem,
     ChatMessage,
     DecodeError,
+    EngineCapabilities,
     LoadOptions,
     ModelFacts,
     ModelLoadError,
@@ -75,6 +77,96 @@ def _llama() -> Any:
             llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
             _backend_ready = True
     return llama_cpp
+
+
+_DEVICE_KINDS = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}
+_ggml_lib: Any = None
+
+
+class _DeviceProps(ctypes.Structure):
+    """``struct ggml_backend_dev_props``; the padding leaves room for capability flags added later."""
+
+    _fields_ = (
+        ("name", ctypes.c_char_p),
+        ("description", ctypes.c_char_p),
+        ("memory_free", ctypes.c_size_t),
+        ("memory_total", ctypes.c_size_t),
+        ("type", ctypes.c_int),
+        ("device_id", ctypes.c_char_p),
+        ("caps", ctypes.c_bool * 32),
+    )
+
+
+def _ggml() -> Any:
+    """libggml with the device-registry functions that llama-cpp-python does not bind."""
+    global _ggml_lib
+    _llama()
+    if _ggml_lib is None:
+        from llama_cpp._ggml import libggml as lib
+
+        p = ctypes.c_void_p
+        lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+        lib.ggml_backend_dev_get.argtypes, lib.ggml_backend_dev_get.restype = [ctypes.c_size_t], p
+        lib.ggml_backend_dev_by_name.argtypes, lib.ggml_backend_dev_by_name.restype = [ctypes.c_char_p], p
+        lib.ggml_backend_dev_get_props.argtypes = [p, ctypes.POINTER(_DeviceProps)]
+        lib.ggml_backend_dev_get_props.restype = None
+        lib.ggml_backend_dev_backend_reg.argtypes, lib.ggml_backend_dev_backend_reg.restype = [p], p
+        lib.ggml_backend_reg_name.argtypes, lib.ggml_backend_reg_name.restype = [p], ctypes.c_char_p
+        _ggml_lib = lib
+    return _ggml_lib
+
+
+def _text(raw: bytes | None) -> str:
+    return (raw or b"").decode("utf-8", "replace")
+
+
+def capabilities() -> EngineCapabilities:
+    """What this llama.cpp build can run on here: its backends' devices, as ggml's registry lists them.
+
+    Initialising a GPU backend talks to its driver, so the appliance calls this in a
+    short-lived subprocess (see ``appliance.hardware``).
+    """
+    try:
+        lib = _llama()
+        ggml = _ggml()
+    except (ImportError, OSError, AttributeError) as exc:
+        return EngineCapabilities("gguf", "llama-cpp-python", installed=False, detail=f"{type(exc).__name__}: {exc}")
+    devices = []
+    for i in range(ggml.ggml_backend_dev_count()):
+        dev = ggml.ggml_backend_dev_get(i)
+        props = _DeviceProps()
+        ggml.ggml_backend_dev_get_props(dev, ctypes.byref(props))
+        devices.append(
+            BackendDevice(
+                name=_text(props.name),
+                backend=_text(ggml.ggml_backend_reg_name(ggml.ggml_backend_dev_backend_reg(dev))),
+                kind=_DEVICE_KINDS.get(props.type, str(props.type)),
+                description=_text(props.description).strip(),
+                memory_free=int(props.memory_free) or None,
+                memory_total=int(props.memory_total) or None,
+                pci_bus_id=_text(props.device_id) or None,
+            )
+        )
+    return EngineCapabilities(
+        engine="gguf",
+        runtime=f"llama-cpp-python {getattr(lib, '__version__', '?')}",
+        installed=True,
+        gpu_offload=bool(lib.llama_supports_gpu_offload()),
+        devices=tuple(devices),
+        build_info=_text(lib.llama_print_system_info()).strip(" |"),
+    )
+
+
+def _device_list(names: Sequence[str], path: Path) -> Any:
+    """A NULL-terminated ``ggml_backend_dev_t`` array of these devices (empty: CPU only)."""
+    ggml = _ggml()
+    found = []
+    for name in names:
+        dev = ggml.ggml_backend_dev_by_name(name.encode())
+        if not dev:
+            raise ModelLoadError(path, f"this llama.cpp build has no device {name}")
+        found.append(dev)
+    return (ctypes.c_void_p * (len(found) + 1))(*found, None)
 
 
 def _exact_chunk(flash_attn: bool) -> int:
@@ -175,7 +267,15 @@ class GgufModel:
         self._lib = lib
         self._options = options
         mparams = lib.llama_model_default_params()
-        mparams.n_gpu_layers = options.n_gpu_layers
+        mparams.n_gpu_layers = options.n_gpu_layers if options.gpu_devices else 0
+        # Always an explicit device list: a GPU build would otherwise use every GPU it sees, and
+        # with none listed (a CPU plan) it keeps everything, prompt batches too, on the CPU.
+        self._device_array = _device_list(options.gpu_devices, path)
+        mparams.devices = ctypes.cast(self._device_array, ctypes.c_void_p)
+        mparams.main_gpu = options.main_gpu
+        if options.tensor_split:
+            self._split_array = (ctypes.c_float * int(lib.llama_max_devices()))(*options.tensor_split)
+            mparams.tensor_split = self._split_array
         model = lib.llama_model_load_from_file(str(path).encode("utf-8"), mparams)
         if not model:
             raise ModelLoadError(path, "llama.cpp could not load it (corrupt, truncated or unsupported)")
@@ -191,6 +291,7 @@ class GgufModel:
         cparams.kv_unified = False
         cparams.flash_attn_type = 1 if options.flash_attn else 0  # LLAMA_FLASH_ATTN_TYPE_ENABLED/DISABLED
         cparams.no_perf = True
+        cparams.op_offload = bool(options.gpu_devices)
         ctx = lib.llama_init_from_model(model, cparams)
         if not ctx:
             lib.llama_model_free(model)
@@ -224,7 +325,8 @@ class GgufModel:
             metadata=metadata,
             exact_chunk=_exact_chunk(options.flash_attn),
             quantization=_quantization(metadata.get("general.file_type")),
-            backend="cpu" if options.n_gpu_layers == 0 else "gpu",
+            backend="+".join(options.gpu_devices) if options.gpu_devices and options.n_gpu_layers else "cpu",
+            n_gpu_layers=mparams.n_gpu_layers,
         )
         log.info(
             "loaded %s: %s, %d slots x %d tokens",

@@ -11,15 +11,12 @@ Shapes are in GGUF's order (``ne``: the input dimension first): a base weight is
 
 from __future__ import annotations
 
-import functools
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from engines.base import AdapterLoadError, ModelLoadError
-from engines.gguf import GGUF_MAGIC
-from engines.ggufmeta import open_reader
+from engines.ggufmeta import open_reader, read_header
 
 SUFFIX_A = ".lora_a"
 SUFFIX_B = ".lora_b"
@@ -119,63 +116,14 @@ def read_lora_info(path: Path) -> LoraInfo:
     )
 
 
-# GGUF value types -> struct format of a scalar (8: string, 9: array; see gguf.GGUFValueType)
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
-@functools.lru_cache(maxsize=8)
-def _base_tables(path: str, _mtime_ns: int) -> tuple[str, dict[str, tuple[int, ...]]]:
-    """The base model's architecture and tensor shapes, read straight from the GGUF header.
-
-    ``GGUFReader`` maps every metadata array into numpy first: 2.6 s for the default model's
-    tokenizer, paid by the first adapter added to a running server. Skipping the arrays and
-    reading only the tensor table takes a few milliseconds.
-    """
-    with open(path, "rb") as fh:
-
-        def read(fmt: str) -> Any:
-            return struct.unpack("<" + fmt, fh.read(struct.calcsize(fmt)))[0]
-
-        def string() -> str:
-            return fh.read(read("Q")).decode("utf-8", "replace")
-
-        def skip(vtype: int) -> None:
-            if vtype == 8:
-                fh.seek(read("Q"), 1)
-            elif vtype == 9:
-                etype, n = read("I"), read("Q")
-                if etype in _SCALARS:
-                    fh.seek(n * struct.calcsize(_SCALARS[etype]), 1)
-                else:
-                    for _ in range(n):
-                        skip(etype)
-            else:
-                fh.seek(struct.calcsize(_SCALARS[vtype]), 1)
-
-        if fh.read(4) != GGUF_MAGIC or read("I") < 2:
-            raise AdapterLoadError(path, "the base model is not a GGUF v2+ file")
-        n_tensors, n_kv = read("Q"), read("Q")
-        arch = ""
-        for _ in range(n_kv):
-            key, vtype = string(), read("I")
-            if key == "general.architecture" and vtype == 8:
-                arch = string()
-            else:
-                skip(vtype)
-        shapes = {}
-        for _ in range(n_tensors):
-            name, n_dims = string(), read("I")
-            shapes[name] = tuple(read("Q") for _ in range(n_dims))
-            fh.seek(4 + 8, 1)  # type, offset
-    return arch, shapes
-
-
 def check_lora_fits(info: LoraInfo, adapter_path: Path, base_path: Path) -> None:
     """Refuse an adapter whose architecture or any tensor shape does not fit the base model."""
     try:
-        arch, shapes = _base_tables(str(base_path), base_path.stat().st_mtime_ns)
-    except (OSError, struct.error, UnicodeError, KeyError) as exc:
-        raise AdapterLoadError(adapter_path, f"cannot read the base model {base_path}: {exc}") from exc
+        header = read_header(base_path)
+    except ModelLoadError as exc:
+        raise AdapterLoadError(adapter_path, f"cannot read the base model: {exc.reason}") from exc
+    arch = header.architecture
+    shapes = {name: tensor.shape for name, tensor in header.tensors.items()}
     if info.architecture != arch:
         raise AdapterLoadError(
             adapter_path, f"it was made for architecture '{info.architecture}', the base model is '{arch}'"

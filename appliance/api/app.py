@@ -13,12 +13,14 @@ from fastapi import FastAPI
 from appliance import __version__
 from appliance.api.edge import EdgeMiddleware
 from appliance.api.errors import install_error_handlers
+from appliance.api.hardware import router as hardware_router
 from appliance.api.logs import router as logs_router
 from appliance.api.loras import router as loras_router
 from appliance.api.metrics import metrics_registry
 from appliance.api.recording import record_invalid
 from appliance.api.routes import router, v1
 from appliance.config import Settings
+from appliance.hardware.report import HardwareReport
 from appliance.lora.sync import AdapterSync
 from appliance.requestlog.writer import DisabledLog, RequestLog
 from appliance.scheduler import Scheduler
@@ -29,6 +31,7 @@ def create_app(
     settings: Settings,
     request_log: RequestLog | None = None,
     loras: AdapterSync | None = None,
+    hardware: HardwareReport | None = None,
 ) -> FastAPI:
     app = FastAPI(
         title="LLM appliance",
@@ -39,12 +42,14 @@ def create_app(
     app.state.settings = settings
     app.state.request_log = request_log or DisabledLog()
     app.state.loras = loras
+    app.state.hardware = hardware
     app.state.started = int(time.time())
     app.state.metrics = metrics_registry(scheduler, app.state.request_log)
     app.include_router(router)
     app.include_router(v1)
     app.include_router(logs_router)
     app.include_router(loras_router)
+    app.include_router(hardware_router)
     install_error_handlers(app, on_invalid=record_invalid)
     uploads = {"/v1/appliance/loras": int(settings.max_upload_mb * (1 << 20))}
     app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes, uploads=uploads)
