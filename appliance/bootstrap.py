@@ -135,7 +135,7 @@ def model_request(spec: ModelSpec, settings: Settings, paths: Paths) -> ModelReq
         "batch_size": settings.batch_size,
         "ctx_size": settings.ctx_size,
     }
-    sources = {name: flag for name, flag in _OVERRIDES.items()}
+    sources = dict(_OVERRIDES)
     for name in ("device", "gpu_layers", "threads"):
         value = getattr(spec, name)
         if value is not None:
@@ -184,9 +184,8 @@ def build_scheduler(
     planned: list[tuple[ModelSpec, ModelPlan]] | None = None,
 ) -> Scheduler:
     """Load every planned model (detecting the hardware and planning first if not done)."""
-    registry = registry or load_registry(paths)
     if planned is None:
-        planned = plan_serving(settings, paths, registry, detect(settings.probe_timeout))
+        planned = plan_serving(settings, paths, registry or load_registry(paths), detect(settings.probe_timeout))
     scheduler = Scheduler()
     try:
         for spec, plan in planned:

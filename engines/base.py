@@ -155,6 +155,7 @@ class EngineCapabilities:
     runtime: str  # e.g. "llama-cpp-python 0.3.36"
     installed: bool
     gpu_offload: bool = False
+    backends: tuple[str, ...] = ()  # registered backends, also those that found no device
     devices: tuple[BackendDevice, ...] = ()
     providers: tuple[str, ...] = ()  # onnxruntime execution providers
     build_info: str = ""  # e.g. llama.cpp's system info line (CPU features it was built for)

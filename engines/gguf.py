@@ -112,6 +112,8 @@ def _ggml() -> Any:
         lib.ggml_backend_dev_get_props.restype = None
         lib.ggml_backend_dev_backend_reg.argtypes, lib.ggml_backend_dev_backend_reg.restype = [p], p
         lib.ggml_backend_reg_name.argtypes, lib.ggml_backend_reg_name.restype = [p], ctypes.c_char_p
+        lib.ggml_backend_reg_count.restype = ctypes.c_size_t
+        lib.ggml_backend_reg_get.argtypes, lib.ggml_backend_reg_get.restype = [ctypes.c_size_t], p
         _ggml_lib = lib
     return _ggml_lib
 
@@ -147,11 +149,15 @@ def capabilities() -> EngineCapabilities:
                 pci_bus_id=_text(props.device_id) or None,
             )
         )
+    backends = (
+        _text(ggml.ggml_backend_reg_name(ggml.ggml_backend_reg_get(i))) for i in range(ggml.ggml_backend_reg_count())
+    )
     return EngineCapabilities(
         engine="gguf",
         runtime=f"llama-cpp-python {getattr(lib, '__version__', '?')}",
         installed=True,
         gpu_offload=bool(lib.llama_supports_gpu_offload()),
+        backends=tuple(backends),
         devices=tuple(devices),
         build_info=_text(lib.llama_print_system_info()).strip(" |"),
     )

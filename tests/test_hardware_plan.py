@@ -58,6 +58,7 @@ def cpu_build() -> EngineCapabilities:
     line = (CI / "engines-probe.out").read_text().strip()
     gguf = json.loads(line.removeprefix(MARKER))["data"][0]
     gguf["devices"] = tuple(BackendDevice(**d) for d in gguf["devices"])
+    gguf["backends"] = tuple(gguf["backends"])
     return EngineCapabilities(**gguf)
 
 
@@ -65,7 +66,8 @@ def gpu_build(*gpus: tuple[str, str, int, int]) -> EngineCapabilities:
     """A GPU build's devices: (name, backend, free, total) each, after the CPU."""
     devices = [BackendDevice("CPU", "CPU", "cpu", "AMD EPYC")]
     devices += [BackendDevice(n, b, "gpu", f"{b} GPU {n}", free, total) for n, b, free, total in gpus]
-    return EngineCapabilities("gguf", "llama-cpp-python 0.3.36", True, True, tuple(devices))
+    backends = tuple(dict.fromkeys(d.backend for d in devices))
+    return EngineCapabilities("gguf", "llama-cpp-python 0.3.36", True, True, backends, tuple(devices))
 
 
 def machine(
@@ -186,6 +188,17 @@ def test_nvidia_gpu_with_a_cpu_only_build_says_how_to_install_the_cuda_build(smo
         'install the CUDA build: CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir '
         "llama-cpp-python==0.3.36"
     )
+
+
+def test_cuda_build_whose_backend_finds_no_device_points_at_the_driver(smollm2: ModelShape) -> None:
+    """The CUDA build on a machine where the driver is too old for its runtime: CUDA registers, no device."""
+    caps = gpu_build()
+    caps = EngineCapabilities(**{**caps.__dict__, "backends": ("CPU", "CUDA")})
+    hw = machine(caps, nvidia("tesla-p100-x2-no-cuda-version.xml"))
+    assert plan(hw, smollm2).device.value == "cpu"
+    (advice,) = hardware_advice(hw)
+    assert "but llama.cpp's CUDA backend sees no device" in advice.message
+    assert advice.fix is not None and advice.fix.startswith("check that the driver works")
 
 
 def test_amd_gpu_with_a_cpu_only_build_names_its_gfx_target() -> None:

@@ -200,16 +200,13 @@ def hardware_advice(hw: HardwareFacts, engine: str = "gguf") -> list[Advice]:
         if not present or caps is None or backend in usable:
             continue
         names = ", ".join(sorted({g.name for g in present}))
-        if caps.gpu_offload and not any(d.backend.lower() == backend for d in caps.devices):
-            problem = f"{label} GPU found ({names}) but this llama.cpp build has no {BACKEND_NAMES[backend]} backend"
-        elif caps.gpu_offload:
-            problem = f"{label} GPU found ({names}) but llama.cpp's {BACKEND_NAMES[backend]} backend sees no device"
+        name = BACKEND_NAMES[backend]
+        if any(BACKEND_KEYS.get(b.lower()) == backend for b in caps.backends):  # built in, but no device came up
+            problem = f"{label} GPU found ({names}) but llama.cpp's {name} backend sees no device"
+            fix = "check that the driver works (nvidia-smi / rocm-smi) and supports the build's CUDA/ROCm version"
         else:
-            problem = f"{label} GPU found ({names}) but this llama.cpp build has no {BACKEND_NAMES[backend]}"
-        if "sees no device" in problem:
-            fix = "check that the driver works (nvidia-smi / rocm-smi) and matches the build's runtime"
-        else:
-            fix = f"install the {BACKEND_NAMES[backend]} build: {install_fix(backend, runtime, present)}"
+            problem = f"{label} GPU found ({names}) but this llama.cpp build has no {name}"
+            fix = f"install the {name} build: {install_fix(backend, runtime, present)}"
         advice.append(Advice(level="warning", message=f"{problem}: models run on the CPU", fix=fix))
     for probe in hw.probes:
         if probe.status in ("failed", "timeout"):
