@@ -248,34 +248,44 @@ def _linux(root: Path) -> CpuFacts:
     )
 
 
-def _other() -> CpuFacts:
+def psutil_facts() -> CpuFacts:
+    """Cores and memory as psutil sees them, on any platform."""
     import psutil
 
     memory = psutil.virtual_memory()
-    info = CpuInfo(physical_cores=psutil.cpu_count(logical=False), logical_cores=psutil.cpu_count())
-    source = "psutil"
+    logical = psutil.cpu_count()
+    return CpuFacts(
+        arch=platform.machine(),
+        physical_cores=psutil.cpu_count(logical=False),
+        logical_cores=logical,
+        usable_cores=_affinity() or logical,
+        ram_total=int(memory.total),
+        ram_available=int(memory.available),
+        source="psutil",
+    )
+
+
+def _other() -> CpuFacts:
+    facts = psutil_facts()
     if sys.platform == "darwin":
         out = subprocess.run(["sysctl", "hw", "machdep.cpu"], capture_output=True, text=True, check=False).stdout
         info = parse_sysctl(out)[0]
-        source += ", sysctl"
-    else:
-        import cpuinfo  # py-cpuinfo: the model name and flags on Windows
+        return facts.model_copy(
+            update={
+                "model": info.model,
+                "physical_cores": info.physical_cores or facts.physical_cores,
+                "logical_cores": info.logical_cores or facts.logical_cores,
+                "features": tuple(info.features),
+                "source": "psutil, sysctl",
+            }
+        )
+    import cpuinfo  # py-cpuinfo: the model name and flags on Windows
 
-        details = cpuinfo.get_cpu_info()
-        flags = set(details.get("flags", []))
-        info.model = details.get("brand_raw")
-        info.features = [name for flag, name in X86_FEATURES.items() if flag.replace("_", "") in flags or flag in flags]
-        source += ", py-cpuinfo"
-    return CpuFacts(
-        model=info.model,
-        arch=platform.machine(),
-        physical_cores=info.physical_cores,
-        logical_cores=info.logical_cores,
-        usable_cores=_affinity() or info.logical_cores,
-        features=tuple(info.features),
-        ram_total=int(memory.total),
-        ram_available=int(memory.available),
-        source=source,
+    details = cpuinfo.get_cpu_info()
+    flags = set(details.get("flags", []))
+    features = tuple(name for flag, name in X86_FEATURES.items() if flag.replace("_", "") in flags or flag in flags)
+    return facts.model_copy(
+        update={"model": details.get("brand_raw"), "features": features, "source": "psutil, py-cpuinfo"}
     )
 
 

@@ -24,12 +24,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
+from appliance.hardware.cpu import psutil_facts
 from appliance.hardware.facts import CpuFacts, GpuFacts, HardwareFacts, ProbeOutcome
 from appliance.hardware.probe import MARKER, NAMES
 from engines.base import EngineCapabilities
 
+_ENGINE = TypeAdapter(EngineCapabilities)
 DEFAULT_TIMEOUT = 15.0  # first CUDA initialisation on a cold machine can take seconds
 
 
@@ -115,19 +117,10 @@ def run_probes(commands: Mapping[str, Sequence[str]], timeout: float) -> dict[st
 def fallback_cpu() -> CpuFacts:
     """What the process can tell without a probe, should the CPU probe fail."""
     try:
-        import psutil
-
-        memory = psutil.virtual_memory()
-        return CpuFacts(
-            arch=platform.machine(),
-            physical_cores=psutil.cpu_count(logical=False),
-            logical_cores=psutil.cpu_count(),
-            ram_total=int(memory.total),
-            ram_available=int(memory.available),
-            source="psutil (the CPU probe failed)",
-        )
+        facts = psutil_facts()
     except (ImportError, OSError):
-        return CpuFacts(arch=platform.machine(), logical_cores=os.cpu_count(), source="os (the CPU probe failed)")
+        facts = CpuFacts(arch=platform.machine(), logical_cores=os.cpu_count())
+    return facts.model_copy(update={"source": f"{facts.source or 'os'} (the CPU probe failed)"})
 
 
 def _bad(outcome: ProbeOutcome, exc: Exception) -> ProbeOutcome:
@@ -158,7 +151,7 @@ def detect(
             if outcome.status == "ok" and name == "cpu":
                 cpu = CpuFacts.model_validate(data)
             elif outcome.status == "ok" and name == "engines":
-                engines = [_capabilities(item) for item in data]
+                engines = [_ENGINE.validate_python(item) for item in data]
             elif outcome.status == "ok":
                 gpus.extend(GpuFacts.model_validate(item) for item in data)
         except (ValidationError, TypeError, KeyError) as exc:
@@ -174,10 +167,3 @@ def detect(
         os=f"{platform.system()} {platform.release()}",
         probed_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
-
-
-def _capabilities(item: dict[str, Any]) -> EngineCapabilities:
-    from engines.base import BackendDevice
-
-    devices = tuple(BackendDevice(**d) for d in item.get("devices", ()))
-    return EngineCapabilities(**{**item, "devices": devices, "providers": tuple(item.get("providers", ()))})

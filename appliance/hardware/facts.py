@@ -16,6 +16,13 @@ MIB = 1 << 20
 GIB = 1 << 30
 
 
+def size(n: int | None) -> str:
+    """Bytes as people read them in reports and reasons: "720 MiB", "13.6 GiB"."""
+    if n is None:
+        return "?"
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / MIB:.0f} MiB"
+
+
 class PlatformAbsentError(Exception):
     """The platform is not there (no driver, no device): reported as absent, not as a failure."""
 

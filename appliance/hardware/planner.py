@@ -21,11 +21,10 @@ from typing import Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from appliance.hardware.facts import GIB, MIB, CpuFacts, GpuFacts, HardwareFacts
+from appliance.hardware.facts import MIB, CpuFacts, GpuFacts, HardwareFacts, size
 from engines.base import EngineCapabilities, ModelShape
 
 T = TypeVar("T")
-DEVICES = ("auto", "cpu", "cuda", "rocm", "metal", "vulkan")
 GPU_ORDER = ("cuda", "rocm", "metal", "vulkan")  # preference among what the build supports
 BACKEND_KEYS = {"cuda": "cuda", "rocm": "rocm", "hip": "rocm", "metal": "metal", "mtl": "metal", "vulkan": "vulkan"}
 BACKEND_NAMES = {"cuda": "CUDA", "rocm": "ROCm", "metal": "Metal", "vulkan": "Vulkan", "cpu": "CPU"}
@@ -153,12 +152,6 @@ class _Budget:
     gpu: dict[str, int]
 
 
-def _gib(n: int | None) -> str:
-    if n is None:
-        return "?"
-    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / MIB:.0f} MiB"
-
-
 def _usable_gpus(caps: EngineCapabilities | None, gpus: Sequence[GpuFacts]) -> dict[str, list[_Gpu]]:
     """The build's GPU devices by backend, with free memory from the engine or else the driver probe."""
     found: dict[str, list[_Gpu]] = {}
@@ -271,7 +264,7 @@ def _device(
     if available:
         key = available[0]
         gpus = usable[key]
-        names = ", ".join(f"{g.name} ({g.description}, {_gib(g.free)} free)" for g in gpus)
+        names = ", ".join(f"{g.name} ({g.description}, {size(g.free)} free)" for g in gpus)
         others = f"; preferred over {', '.join(BACKEND_NAMES[k] for k in available[1:])}" if available[1:] else ""
         return Decision(value=key, reason=f"{BACKEND_NAMES[key]}: {names}{others}"), None
     if caps is None:
@@ -348,13 +341,13 @@ def _gpu_offload(d: _Draft, shape: ModelShape, o: Overrides, budget: _Budget) ->
                 Advice(
                     level="warning",
                     message=f"{o.source('gpu_layers')} {o.gpu_layers}: {value} layers may not fit in the "
-                    f"{_gib(pool)} free on {where} (about {fitted} do)",
+                    f"{size(pool)} free on {where} (about {fitted} do)",
                     fix="lower --gpu-layers, --ctx-size or --parallel if loading fails",
                 )
             )
         return
     if fitted == n_layers:
-        reason = f"all {n_layers}: weights, KV cache and compute ({_gib(all_need)}) fit in {_gib(pool)} free on {where}"
+        reason = f"all {n_layers}: weights, KV cache and compute ({size(all_need)}) fit in {size(pool)} free on {where}"
         d.layers = Decision(value=n_layers, reason=reason)
         return
     fixed = _gpu_weights(shape, n_layers) + compute_bytes(shape, d.batch.value)
@@ -369,12 +362,12 @@ def _gpu_offload(d: _Draft, shape: ModelShape, o: Overrides, budget: _Budget) ->
             )
         )
         d.ctx = Decision(value=fit, reason=f"reduced to keep all layers on {where} ({d.ctx.value} asked)")
-        d.layers = Decision(value=n_layers, reason=f"all {n_layers}, with the context reduced to fit {_gib(pool)}")
+        d.layers = Decision(value=n_layers, reason=f"all {n_layers}, with the context reduced to fit {size(pool)}")
     elif fitted:
         d.layers = Decision(
             value=fitted,
-            reason=f"{fitted} of {n_layers}: as many as fit in {_gib(pool)} free on {where} "
-            f"(all need {_gib(all_need)})",
+            reason=f"{fitted} of {n_layers}: as many as fit in {size(pool)} free on {where} "
+            f"(all need {size(all_need)})",
         )
         d.advice.append(
             Advice(
@@ -384,12 +377,12 @@ def _gpu_offload(d: _Draft, shape: ModelShape, o: Overrides, budget: _Budget) ->
             )
         )
     else:
-        d.device = Decision(value="cpu", reason=f"not one layer fits in the {_gib(pool)} free on {where}")
+        d.device = Decision(value="cpu", reason=f"not one layer fits in the {size(pool)} free on {where}")
         d.gpus = []
         d.advice.append(
             Advice(
                 level="warning",
-                message=f"{where} has only {_gib(pool)} free beyond its headroom: the model runs on the CPU",
+                message=f"{where} has only {size(pool)} free beyond its headroom: the model runs on the CPU",
                 fix="free GPU memory (other processes: nvidia-smi / rocm-smi), or a smaller --ctx-size",
             )
         )
@@ -438,7 +431,7 @@ def _fit_host(d: _Draft, shape: ModelShape, o: Overrides, budget: _Budget) -> Me
                 Advice(
                     level="warning",
                     message=f"context reduced to {d.slots.value} slots x {d.ctx.value} tokens (from {asked[0]} x "
-                    f"{asked[1]}): the KV cache did not fit in the {_gib(room)} of RAM left beside the weights",
+                    f"{asked[1]}): the KV cache did not fit in the {size(room)} of RAM left beside the weights",
                     fix="add RAM, or choose with --ctx-size and --parallel",
                 )
             )
@@ -446,7 +439,7 @@ def _fit_host(d: _Draft, shape: ModelShape, o: Overrides, budget: _Budget) -> Me
             d.advice.append(
                 Advice(
                     level="warning",
-                    message=f"needs {_gib(weights + kv + compute)} of RAM where {_gib(room)} is available: "
+                    message=f"needs {size(weights + kv + compute)} of RAM where {size(room)} is available: "
                     "expect swapping or an out-of-memory kill",
                     fix="a smaller model or quantisation, or a lower --ctx-size / --parallel",
                 )

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-from appliance.hardware.facts import GIB, MIB, CpuFacts, GpuFacts, HardwareFacts
+from appliance.hardware.facts import CpuFacts, GpuFacts, HardwareFacts, size
 from appliance.hardware.planner import Advice, Decision, ModelPlan, hardware_advice
 from engines.base import EngineCapabilities
 
@@ -25,12 +25,6 @@ class HardwareReport(BaseModel):
 
 def build_report(hw: HardwareFacts, plans: Sequence[ModelPlan]) -> HardwareReport:
     return HardwareReport(hardware=hw, plans=tuple(plans), advice=tuple(hardware_advice(hw)))
-
-
-def size(n: int | None) -> str:
-    if n is None:
-        return "?"
-    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / MIB:.0f} MiB"
 
 
 def cpu_line(cpu: CpuFacts) -> str:
