@@ -9,15 +9,12 @@ import contextlib
 import errno
 import logging
 import os
-import signal
 import socket
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
-
-import uvicorn
 
 from appliance.api.app import create_app
 from appliance.config import Paths, Settings
@@ -25,6 +22,7 @@ from appliance.hardware.detect import detect
 from appliance.hardware.facts import HardwareFacts
 from appliance.hardware.planner import ModelPlan, ModelRequest, Overrides, plan_models
 from appliance.hardware.report import HardwareReport, build_report, hardware_summary
+from appliance.httpserver import make_server
 from appliance.lora.store import AdapterStore
 from appliance.lora.sync import AdapterSync
 from appliance.modelstore import ModelFileError, verify_model_file
@@ -44,23 +42,6 @@ ENGINES: dict[str, type[Engine]] = {"gguf": GgufEngine}
 
 class StartupError(Exception):
     """The server cannot start; the message says why and what to do."""
-
-
-class ApplianceServer(uvicorn.Server):
-    """uvicorn's server, telling the scheduler to refuse new work as soon as a stop signal comes."""
-
-    def __init__(self, config: uvicorn.Config, scheduler: Scheduler) -> None:
-        super().__init__(config)
-        self._scheduler = scheduler
-
-    def handle_exit(self, sig: int, frame: Any) -> None:
-        # Not super(): uvicorn re-raises the signal after its shutdown, which would kill the
-        # process before our own cleanup (scheduler, socket file) runs. A second Ctrl-C forces.
-        self._scheduler.begin_shutdown()
-        if self.should_exit and sig == signal.SIGINT:
-            self.force_exit = True
-        else:
-            self.should_exit = True
 
 
 def check_exposure(settings: Settings) -> None:
@@ -111,37 +92,34 @@ def load_runner(spec: ModelSpec, settings: Settings, paths: Paths, plan: ModelPl
     return ModelRunner(spec.id, model, config, sampling_defaults=sampling_defaults(spec), provenance=provenance)
 
 
-# Settings the planner takes as overrides, and the flag that sets each (the report names it)
+# Settings the planner takes as overrides: its name -> (the Settings field, the flag that sets it)
 _OVERRIDES = {
-    "device": "--device",
-    "gpu_layers": "--gpu-layers",
-    "threads": "--threads",
-    "slots": "--parallel",
-    "batch_size": "--batch-size",
-    "ctx_size": "--ctx-size",
+    "device": ("device", "--device"),
+    "gpu_layers": ("gpu_layers", "--gpu-layers"),
+    "threads": ("threads", "--threads"),
+    "slots": ("parallel", "--parallel"),
+    "batch_size": ("batch_size", "--batch-size"),
+    "ctx_size": ("ctx_size", "--ctx-size"),
 }
 
 
-def model_request(spec: ModelSpec, settings: Settings, paths: Paths) -> ModelRequest:
+def model_request(
+    spec: ModelSpec, settings: Settings, paths: Paths, sources: Mapping[str, str] | None = None
+) -> ModelRequest:
     """What the planner needs of a model: its sizes from the file's header, and the user's overrides.
 
-    A per-model value in models.toml wins over the server-wide setting.
+    A per-model value in models.toml wins over the server-wide setting. ``sources`` says where
+    each setting came from (``config.load_settings_with_sources``), so the report names
+    config.toml or the variable rather than a flag nobody gave; without it the flag is named.
     """
-    values: dict[str, Any] = {
-        "device": settings.device,
-        "gpu_layers": settings.gpu_layers,
-        "threads": settings.threads,
-        "slots": settings.parallel,
-        "batch_size": settings.batch_size,
-        "ctx_size": settings.ctx_size,
-    }
-    sources = dict(_OVERRIDES)
+    values: dict[str, Any] = {name: getattr(settings, field) for name, (field, _) in _OVERRIDES.items()}
+    where = {name: (sources or {}).get(field, flag) for name, (field, flag) in _OVERRIDES.items()}
     for name in ("device", "gpu_layers", "threads"):
         value = getattr(spec, name)
         if value is not None:
             values[name] = value
-            sources[name] = f"models.toml ({spec.id}.{name})"
-    overrides = Overrides(**values, sources=sources)
+            where[name] = f"models.toml ({spec.id}.{name})"
+    overrides = Overrides(**values, sources=where)
     try:
         shape = model_shape(spec.resolve_file(paths.models_dir))
     except (RegistryError, ModelLoadError) as exc:
@@ -150,7 +128,11 @@ def model_request(spec: ModelSpec, settings: Settings, paths: Paths) -> ModelReq
 
 
 def plan_serving(
-    settings: Settings, paths: Paths, registry: Registry, hardware: HardwareFacts
+    settings: Settings,
+    paths: Paths,
+    registry: Registry,
+    hardware: HardwareFacts,
+    sources: Mapping[str, str] | None = None,
 ) -> list[tuple[ModelSpec, ModelPlan]]:
     """The models to serve, each with its plan; they share the machine, so they are planned together."""
     names = settings.models or ((registry.default_model,) if registry.default_model else ())
@@ -160,7 +142,7 @@ def plan_serving(
         specs = [registry.get(name) for name in names]
     except RegistryError as exc:
         raise StartupError(str(exc)) from exc
-    plans = plan_models(hardware, [model_request(spec, settings, paths) for spec in specs])
+    plans = plan_models(hardware, [model_request(spec, settings, paths, sources) for spec in specs])
     return list(zip(specs, plans, strict=True))
 
 
@@ -202,7 +184,9 @@ def build_scheduler(
     return scheduler
 
 
-def detect_and_plan(settings: Settings, paths: Paths) -> tuple[list[tuple[ModelSpec, ModelPlan]], HardwareReport]:
+def detect_and_plan(
+    settings: Settings, paths: Paths, sources: Mapping[str, str] | None = None
+) -> tuple[list[tuple[ModelSpec, ModelPlan]], HardwareReport]:
     """Probe the machine, plan the models, and say so in the log: one line each, and every warning."""
     hardware = detect(settings.probe_timeout)
     hide_gpus_if_engine_hung(hardware)
@@ -210,7 +194,7 @@ def detect_and_plan(settings: Settings, paths: Paths) -> tuple[list[tuple[ModelS
         registry = load_registry(paths)
     except RegistryError as exc:
         raise StartupError(str(exc)) from exc
-    planned = plan_serving(settings, paths, registry, hardware)
+    planned = plan_serving(settings, paths, registry, hardware, sources)
     report = build_report(hardware, [plan for _, plan in planned])
     log.info("hardware: %s", hardware_summary(hardware))
     for advice in [*report.advice, *(a for p in report.plans for a in p.advice)]:
@@ -236,7 +220,8 @@ def build_request_log(settings: Settings, paths: Paths) -> LogWriter | DisabledL
         max_rows=settings.log_max_rows,
         max_bytes=int(settings.log_max_mb * (1 << 20)) if settings.log_max_mb else None,
     )
-    redactor = Redactor(settings.log_redact, builtin=settings.log_redact_builtin)
+    secrets = (settings.api_key,) if settings.api_key else ()  # the server's own key never reaches the disk
+    redactor = Redactor(settings.log_redact, builtin=settings.log_redact_builtin, secrets=secrets)
     log.info("request log: on, every exchange is recorded in %s (--no-log turns it off)", path)
     return LogWriter(path, redactor, max_pending=settings.log_buffer, retention=retention)
 
@@ -271,49 +256,86 @@ def tcp_socket(host: str, port: int) -> socket.socket:
         raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
 
 
-def unix_socket(path: Path) -> socket.socket:
-    """A listening Unix socket only its owner can use (mode 0600); a stale file is replaced."""
-    if path.exists() or path.is_symlink():
-        if not stat.S_ISSOCK(path.lstat().st_mode):
-            raise StartupError(f"{path} exists and is not a socket: refusing to replace it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with contextlib.closing(probe):
-            if probe.connect_ex(str(path)) == 0:
-                raise StartupError(f"another server is already listening on {path}")
-        path.unlink()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
-    try:
-        sock.bind(str(path))
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, 0o600)
-    sock.listen(2048)
-    return sock
+class UnixListener:
+    """A listening Unix socket only its owner can use (mode 0600), and the file it made.
+
+    A stale file (no server answers on it) is replaced; a live one is left alone. On close the
+    file is removed only if it is still the one this server bound: a second server that fails to
+    start must never delete the first one's socket.
+    """
+
+    def __init__(self, path: Path) -> None:
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise StartupError(f"{path} exists and is not a socket: refusing to replace it")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            with contextlib.closing(probe):
+                if probe.connect_ex(str(path)) == 0:
+                    raise StartupError(f"another server is already listening on {path}")
+            path.unlink()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        except OSError as exc:
+            sock.close()
+            raise StartupError(f"cannot listen on {path}: {exc.strerror}") from exc
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        sock.listen(2048)
+        self.path = path
+        self.sock = sock
+        info = path.lstat()
+        self._identity = (info.st_dev, info.st_ino)
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            info = self.path.lstat()
+            if (info.st_dev, info.st_ino) == self._identity:
+                self.path.unlink()
 
 
-def serve(settings: Settings, paths: Paths) -> None:
-    """Load the models, listen, serve until SIGINT/SIGTERM, then shut down cleanly."""
+def serve(settings: Settings, paths: Paths, sources: Mapping[str, str] | None = None) -> None:
+    """Listen, load the models, serve until SIGINT/SIGTERM, then drain and shut down cleanly.
+
+    The addresses are taken first, so a port in use fails in a second rather than after the
+    model has loaded; what this call did not create it never removes. ``sources`` (where each
+    setting came from) only changes how the plan lines name an override.
+    """
     check_exposure(settings)
-    planned, hardware = detect_and_plan(settings, paths)
-    scheduler = build_scheduler(settings, paths, planned=planned)
-    adapters = build_adapters(scheduler, paths)
-    request_log = build_request_log(settings, paths)
-    sockets: list[socket.socket] = []
+    sockets = [tcp_socket(settings.host, settings.port)]
+    unix: UnixListener | None = None
+    scheduler: Scheduler | None = None
+    adapters: AdapterSync | None = None
+    request_log: LogWriter | DisabledLog | None = None
+    served = False
+
+    def stop_work() -> None:  # idempotent: the drain calls it, and the cleanup below again
+        if adapters is not None:
+            adapters.stop()
+        if scheduler is not None:
+            scheduler.stop()
+
     try:
-        sockets.append(tcp_socket(settings.host, settings.port))
         if settings.socket:
-            sockets.append(unix_socket(settings.socket))
+            unix = UnixListener(settings.socket)
+            sockets.append(unix.sock)
+        planned, hardware = detect_and_plan(settings, paths, sources)
+        scheduler = build_scheduler(settings, paths, planned=planned)
+        adapters = build_adapters(scheduler, paths)
+        request_log = build_request_log(settings, paths)
         app = create_app(scheduler, settings, request_log, adapters, hardware)
-        config = uvicorn.Config(
+        server = make_server(
             app,
-            log_config=None,
+            scheduler,
             log_level=settings.log_level,
-            timeout_graceful_shutdown=int(settings.shutdown_timeout),
-            lifespan="off",
+            header_timeout=settings.header_timeout,
+            drain_timeout=settings.shutdown_timeout,
+            stop_work=stop_work,
         )
-        server = ApplianceServer(config, scheduler)
         host, port = sockets[0].getsockname()[:2]
         where = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
         if settings.socket:
@@ -321,14 +343,15 @@ def serve(settings: Settings, paths: Paths) -> None:
         log.info("serving %s on %s", ", ".join(scheduler.model_ids), where)
         if settings.api_key:
             log.info("API key required on /v1 routes")
+        served = True
         server.run(sockets=sockets)
     finally:
-        adapters.stop()
-        scheduler.stop()
-        request_log.close()  # after the scheduler: the last exchanges' records are in by then
+        stop_work()
+        if request_log is not None:
+            request_log.close()  # after the scheduler: the last exchanges' records are in by then
         for sock in sockets:
             sock.close()
-        if settings.socket:
-            with contextlib.suppress(FileNotFoundError):
-                settings.socket.unlink()
-        log.info("stopped")
+        if unix is not None:
+            unix.close()
+        if served:
+            log.info("stopped")

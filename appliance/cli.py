@@ -7,15 +7,32 @@ line and exit 1, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from appliance import __version__, logs_cli, lora_cli
-from appliance.config import DEFAULT_PORT, ConfigError, Paths, Settings, app_paths, load_settings
+from appliance.config import DEFAULT_PORT, ConfigError, Paths, Settings, app_paths, load_settings_with_sources
+
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
+
+# The flag of each setting whose flag is not its name with dashes: doctor and the start-up plan
+# lines say which flag set a value, so these must match the parser (a test checks they do)
+FLAGS = {
+    "models": "--model",
+    "allowed_hosts": "--allowed-host",
+    "allowed_origins": "--allowed-origin",
+    "lora_dirs": "--lora-dir",
+    "prefix_cache": "--no-prefix-cache",
+    "flash_attn": "--no-flash-attn",
+    "log_requests": "--no-log",
+    "verify_sha256": "--no-verify",
+}
 
 
 def _switch_off(p: argparse.ArgumentParser, flag: str, dest: str, help: str) -> None:
@@ -51,6 +68,21 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
     p.add_argument("--socket", type=Path, help="also listen on this Unix socket (created with mode 0600)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (env APPLIANCE_API_KEY)")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        dest="allowed_hosts",
+        metavar="NAME",
+        help="also answer requests addressed to this host name without an API key (repeatable; "
+        "loopback names always work)",
+    )
+    p.add_argument(
+        "--allowed-origin",
+        action="append",
+        dest="allowed_origins",
+        metavar="ORIGIN",
+        help="let web pages of this origin (https://app.example.com, or *) call the API (repeatable)",
+    )
     _plan_args(p)
     p.add_argument("--max-queue", type=int, help="requests that may wait for a slot before 503 (default 64)")
     p.add_argument("--queue-timeout", type=float, help="seconds a request may wait for a slot (default 60)")
@@ -81,6 +113,19 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-max-mb", type=float, help="keep the request log under this size")
     p.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default 8 MiB)")
     p.add_argument("--max-upload-mb", type=float, help="largest LoRA adapter upload accepted (default 4096)")
+    p.add_argument(
+        "--lora-dir",
+        action="append",
+        dest="lora_dirs",
+        type=Path,
+        metavar="DIR",
+        help="a folder from which POST /v1/appliance/loras may add adapters by path (repeatable)",
+    )
+    p.add_argument("--header-timeout", type=float, help="seconds a client may take to send its headers (default 10)")
+    p.add_argument("--body-timeout", type=float, help="seconds a request body may stall before 408 (default 10)")
+    p.add_argument(
+        "--shutdown-timeout", type=float, help="seconds running generations get to finish on stop (default 10)"
+    )
     _switch_off(p, "--no-verify", "verify_sha256", "skip the sha256 check of model files")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
@@ -114,11 +159,14 @@ def _fail(message: str) -> int:
     return 1
 
 
-def _settings(args: argparse.Namespace, paths: Paths) -> Settings:
+def _settings(args: argparse.Namespace, paths: Paths) -> tuple[Settings, dict[str, str]]:
+    """The settings, and where each came from (doctor and the plan lines name the source of an override)."""
     # every serve and doctor flag's dest is a Settings field name
     overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
-    overrides["models"] = tuple(args.models) if args.models else None
-    return load_settings(paths, overrides)
+    for name in ("models", "allowed_hosts", "allowed_origins", "lora_dirs"):  # repeatable flags
+        if name in overrides:
+            overrides[name] = tuple(getattr(args, name)) if getattr(args, name) else None
+    return load_settings_with_sources(paths, overrides, FLAGS)
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
@@ -126,8 +174,9 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     from appliance.doctor import run_doctor
 
     paths = app_paths()
+    settings, sources = _settings(args, paths)
     try:
-        return run_doctor(_settings(args, paths), paths, as_json=args.json, chosen=bool(args.models))
+        return run_doctor(settings, paths, as_json=args.json, chosen=bool(args.models), sources=sources)
     except StartupError as exc:
         return _fail(str(exc))
 
@@ -136,10 +185,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from appliance.bootstrap import StartupError, serve
 
     paths = app_paths()
-    settings = _settings(args, paths)
+    settings, sources = _settings(args, paths)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        serve(settings, paths)
+        serve(settings, paths, sources=sources)
     except StartupError as exc:
         return _fail(str(exc))
     return 0
@@ -194,6 +243,28 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit status is returned.
+
+    A reader that goes away early (``appliance logs show ID | head``) ends the command quietly
+    with 141, as a shell reports a writer killed by SIGPIPE, instead of a BrokenPipeError
+    traceback. The recipe is the Python documentation's (signal module, "Note on SIGPIPE"):
+    flush here so the error cannot surface at exit, and point stdout at devnull so the
+    interpreter's own final flush has nowhere left to fail.
+    """
+    try:
+        try:
+            status = _run(argv)
+        finally:  # also when argparse exits after --help or --version
+            sys.stdout.flush()
+    except BrokenPipeError:
+        with contextlib.suppress(OSError, ValueError):  # a stand-in stdout (tests) has no descriptor
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return SIGPIPE_EXIT
+    return status
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["--hardware-probe"]:  # the frozen executable running one probe (see hardware.detect)
         from appliance.hardware.probe import main as probe_main

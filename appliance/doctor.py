@@ -2,12 +2,15 @@
 
 Without ``--model`` each model in models.toml is planned as if served alone (what it would get);
 with ``--model`` the chosen ones are planned together, as ``serve`` would load them. Flags such
-as ``--device`` or ``--gpu-layers`` show what they would change before a restart.
+as ``--device`` or ``--gpu-layers`` show what they would change before a restart. A value set in
+config.toml or the environment is named as such, so an override nobody remembers setting can be
+found. The exit status is 1 when a model cannot be served as asked, so scripts can check it.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 from appliance.bootstrap import StartupError, model_request, plan_serving
 from appliance.config import Paths, Settings
@@ -17,19 +20,25 @@ from appliance.hardware.report import build_report, render_text
 from appliance.registry import RegistryError, load_registry
 
 
-def run_doctor(settings: Settings, paths: Paths, *, as_json: bool, chosen: bool) -> int:
+def run_doctor(
+    settings: Settings, paths: Paths, *, as_json: bool, chosen: bool, sources: Mapping[str, str] | None = None
+) -> int:
+    """Print the report; 1 when a plan has an error (the report says which and why), else 0.
+
+    ``sources`` says where each setting came from (``config.load_settings_with_sources``).
+    """
     hardware = detect(settings.probe_timeout)
     try:
         registry = load_registry(paths)
     except RegistryError as exc:
         raise StartupError(str(exc)) from exc
     if chosen:
-        plans = [plan for _, plan in plan_serving(settings, paths, registry, hardware)]
+        plans = [plan for _, plan in plan_serving(settings, paths, registry, hardware, sources)]
     else:
-        plans = [plan_models(hardware, [model_request(spec, settings, paths)])[0] for spec in registry]
+        plans = [plan_models(hardware, [model_request(spec, settings, paths, sources)])[0] for spec in registry]
     report = build_report(hardware, plans)
     if as_json:
         print(json.dumps(report.model_dump(mode="json"), indent=2))
     else:
         print(render_text(report, registry.default_model))
-    return 0
+    return 1 if any(plan.error for plan in plans) else 0

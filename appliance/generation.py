@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 from engines.base import ChatMessage
 
-FinishReason = Literal["stop", "length", "cancelled", "timeout", "error"]
+# "cancelled": the client went away; "shutdown": the server stopped before the generation ended
+FinishReason = Literal["stop", "length", "cancelled", "timeout", "error", "shutdown"]
 
 
 class ApplianceError(Exception):
@@ -140,9 +141,12 @@ class Generation:
                 if self.first_text_at is None:
                     self.first_text_at = time.monotonic()
                 self.parts.append(event.text)
+            elif isinstance(event, FinishEvent):
+                # before the yield: a consumer that stops at the finish event (an error event
+                # ends the stream) closes this generator there, and the cause must stay known
+                self.finish = event
             yield event
             if isinstance(event, FinishEvent):
-                self.finish = event
                 return
 
     async def collect(self) -> tuple[str, FinishEvent]:

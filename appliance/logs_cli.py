@@ -57,18 +57,24 @@ def add_filter_args(p: argparse.ArgumentParser, *, status_default: str | None = 
 def add_parser(sub: Any) -> None:
     logs = sub.add_parser("logs", help="browse, curate and export the request log")
     logs.add_argument("--log-file", type=Path, help="the log database (default: the server's)")
+    # --log-file also after the subcommand (`logs list --log-file PATH`); SUPPRESS keeps a
+    # subcommand that was not given it from resetting the value given before the subcommand
+    log_file = argparse.ArgumentParser(add_help=False)
+    log_file.add_argument("--log-file", type=Path, default=argparse.SUPPRESS, help="the log database")
     lsub = logs.add_subparsers(dest="logs_command", required=True)
-    ls = lsub.add_parser("list", help="recent exchanges, newest first")
+    ls = lsub.add_parser("list", help="recent exchanges, newest first", parents=[log_file])
     add_filter_args(ls)
     ls.add_argument("--limit", type=int, default=20)
     ls.add_argument("--offset", type=int, default=0)
     ls.add_argument("--json", action="store_true")
-    show = lsub.add_parser("show", help="one exchange in full")
+    show = lsub.add_parser("show", help="one exchange in full", parents=[log_file])
     show.add_argument("id")
-    stats = lsub.add_parser("stats", help="requests, tokens, latency and errors per model and adapter")
+    stats = lsub.add_parser(
+        "stats", help="requests, tokens, latency and errors per model and adapter", parents=[log_file]
+    )
     add_filter_args(stats)
     stats.add_argument("--json", action="store_true")
-    export = lsub.add_parser("export", help="fine-tuning JSONL: chat, dpo or completions")
+    export = lsub.add_parser("export", help="fine-tuning JSONL: chat, dpo or completions", parents=[log_file])
     export.add_argument("--format", choices=["chat", "dpo", "completions"], default="chat")
     export.add_argument("--output", "-o", type=Path, required=True, help="file.jsonl (with --split: .train/.valid)")
     export.add_argument("--dedupe", action="store_true", help="drop identical examples")
@@ -80,12 +86,12 @@ def add_parser(sub: Any) -> None:
         help="dpo: pairs from this endpoint (default chat.completions; completions gives plain-text pairs)",
     )
     add_filter_args(export, status_default="ok")
-    purge = lsub.add_parser("purge", help="delete exchanges (all matching the filters)")
+    purge = lsub.add_parser("purge", help="delete exchanges (all matching the filters)", parents=[log_file])
     add_filter_args(purge)
     purge.add_argument("--older-than", type=timestamp, dest="older", metavar="AGE", help="e.g. 30d")
     purge.add_argument("--all", action="store_true", help="allow purging without any filter")
     purge.add_argument("--yes", "-y", action="store_true", help="do not ask")
-    feedback = lsub.add_parser("feedback", help="rate, correct, tag or annotate an exchange")
+    feedback = lsub.add_parser("feedback", help="rate, correct, tag or annotate an exchange", parents=[log_file])
     feedback.add_argument("id")
     feedback.add_argument("--rating", type=rating, help="+1 or -1")
     feedback.add_argument("--correction", help="the answer it should have given")
@@ -189,6 +195,9 @@ def _export(store: LogStore, args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise LogsCommandError(str(exc)) from exc
+    except OSError as exc:  # a read-only folder, a full disk, a file where a folder should be
+        where = exc.filename or args.output
+        raise LogsCommandError(f"cannot write {where}: {exc.strerror or exc}") from exc
     print(
         f"{result.examples} examples ({result.skipped} records skipped, {result.duplicates} duplicates dropped) "
         f"-> {', '.join(str(f) for f in result.files)}"

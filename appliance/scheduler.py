@@ -573,12 +573,13 @@ class ModelRunner:
             self._finish(seq, "error", message)
 
     def _shutdown(self) -> None:
+        message = "the server stopped before the generation ended"
         for seq in list(self._active.values()):
-            self._finish(seq, "cancelled", "server shutting down")
+            self._finish(seq, "shutdown", message)
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
         for job in waiting:
-            job.emit(FinishEvent("cancelled", len(job.tokens), 0, "server shutting down"))
+            job.emit(FinishEvent("shutdown", len(job.tokens), 0, message))
 
 
 class Scheduler:
@@ -639,6 +640,20 @@ class Scheduler:
 
     def stats(self) -> list[RunnerStats]:
         return [r.stats() for r in self._runners.values()]
+
+    def capacity(self, model: str) -> int:
+        """How many requests a model can hold at once: its slots plus its wait queue.
+
+        One API request with more prompts than this could never be accepted, even on an idle
+        server: that is the client's mistake (400), not an overload to retry (503).
+        """
+        runner = self.resolve(model)
+        return runner.model.facts.n_slots + runner.config.max_queue
+
+    @property
+    def busy(self) -> bool:
+        """Whether any model is generating or has requests waiting (shutdown waits for this)."""
+        return any(s.active or s.queued for s in self.stats())
 
     def prepare(self, request: GenerationRequest) -> tuple[ModelRunner, str | None, list[int], int]:
         """Resolve the model (and adapter) id, render and tokenize the prompt and bound the completion

@@ -92,6 +92,9 @@ class LoadOptions:
     # which rounds differently from the batched kernel: a temperature-0 answer alone can then
     # differ (near-ties only) from the same request among others. Off, they are always identical.
     flash_attn: bool = True
+    # llama.cpp's "extra" weight buffers (repacked layouts: AMX, CPU_REPACK). None: the engine
+    # decides (off where the CPU has AMX, whose kernels crash here; see GgufModel).
+    extra_buffers: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -279,6 +279,7 @@ class GgufModel:
         self._device_array = _device_list(options.gpu_devices, path)
         mparams.devices = ctypes.cast(self._device_array, ctypes.c_void_p)
         mparams.main_gpu = options.main_gpu
+        mparams.use_extra_bufts = _use_extra_buffers(lib, options.extra_buffers)
         if options.tensor_split:
             self._split_array = (ctypes.c_float * int(lib.llama_max_devices()))(*options.tensor_split)
             mparams.tensor_split = self._split_array
@@ -319,18 +320,20 @@ class GgufModel:
             bos_token=self._bos_text,
             eos_token=self._token_text(lib.llama_vocab_eos(self._vocab)),
         )
-        desc = ctypes.create_string_buffer(256)
-        lib.llama_model_desc(model, desc, 256)
+        # not llama_model_desc: it guesses the size from the layer count ("llama 256M" for SmolLM2-135M)
+        from engines.ggufmeta import model_size  # here, not at the top: ggufmeta imports this module
+
+        quantization = _quantization(metadata.get("general.file_type"))
         self._facts = ModelFacts(
             n_ctx_per_slot=int(lib.llama_n_ctx(ctx)) // options.n_slots,
             n_slots=options.n_slots,
             n_ctx_train=int(lib.llama_model_n_ctx_train(model)),
             n_vocab=n_vocab,
-            description=desc.value.decode("utf-8", "replace"),
+            description=f"{model_size(path)} {quantization or ''}".rstrip(),
             has_chat_template=template is not None,
             metadata=metadata,
             exact_chunk=_exact_chunk(options.flash_attn),
-            quantization=_quantization(metadata.get("general.file_type")),
+            quantization=quantization,
             backend="+".join(options.gpu_devices) if options.gpu_devices and options.n_gpu_layers else "cpu",
             n_gpu_layers=mparams.n_gpu_layers,
         )
@@ -486,6 +489,22 @@ class GgufModel:
         if self._model is not None:
             lib.llama_model_free(self._model)
             self._model = None
+
+
+def _use_extra_buffers(lib: Any, asked: bool | None) -> bool:
+    """Whether llama.cpp may repack weights into its extra buffer types.
+
+    On a CPU with AMX, llama.cpp puts Q4_0/Q4_1/Q8_0 weights in an AMX buffer, and its AMX matmul
+    segfaults in the first decodes on Sapphire Rapids machines (llama.cpp issue #20824, still
+    open; seen here with the default model: the process dies in ``llama_decode``). Repacking is
+    only a speed-up, so it is off there unless asked for.
+    """
+    if asked is not None:
+        return asked
+    amx = "AMX_INT8 = 1" in _text(lib.llama_print_system_info())
+    if amx:
+        log.info("this CPU has AMX: llama.cpp's AMX weight repacking is off (it crashes; llama.cpp #20824)")
+    return not amx
 
 
 class GgufEngine:

@@ -8,6 +8,7 @@ registry (architecture, trained context, quantisation).
 from __future__ import annotations
 
 import functools
+import math
 import mmap
 import re
 import struct
@@ -172,6 +173,33 @@ def model_shape(path: Path) -> ModelShape:
         kv_bytes_per_token=tuple(per_layer_kv),
         file_bytes=header.file_size,
     )
+
+
+def parameter_count(header: GgufHeader) -> int:
+    """The model's parameters: the elements of every tensor in the file (tied embeddings count once)."""
+    return sum(math.prod(tensor.shape) for tensor in header.tensors.values())
+
+
+def size_label(parameters: int) -> str:
+    """A parameter count the way model names give it: ``135M``, ``1.5B``, ``72B``."""
+    if parameters >= 10**10:
+        return f"{parameters / 1e9:.0f}B"
+    if parameters >= 10**9:
+        return f"{parameters / 1e9:.1f}B".replace(".0B", "B")
+    if parameters >= 10**6:
+        return f"{parameters / 1e6:.0f}M"
+    return f"{parameters / 1e3:.0f}K"
+
+
+def model_size(path: Path) -> str:
+    """The architecture and size of a model, e.g. ``llama 135M``, for the line logged when it loads.
+
+    The count is computed from the tensor shapes, not taken from ``general.size_label`` (which
+    the converter may leave out or round differently) nor from llama.cpp's model description,
+    which guesses the size from the layer count and calls SmolLM2-135M (30 layers) "256M".
+    """
+    header = read_header(path)
+    return f"{header.architecture or 'unknown'} {size_label(parameter_count(header))}"
 
 
 @dataclass(frozen=True)

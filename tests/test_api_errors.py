@@ -32,7 +32,7 @@ def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scheduler]:
 @pytest.fixture(scope="module")
 def http(scheduler: Scheduler) -> Iterator[TestClient]:
     app = create_app(scheduler, Settings(ctx_size=CTX, max_body_bytes=BODY_LIMIT))
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with TestClient(app, base_url="http://localhost", raise_server_exceptions=False) as client:
         yield client
 
 
@@ -135,7 +135,27 @@ def test_body_too_large_is_413(http: TestClient) -> None:
         yield b'"}]}'
 
     resp = http.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
-    assert_error(resp, 413)
+    assert_error(resp, 413, code="request_too_large")
+
+
+def test_more_prompts_than_the_server_holds_is_400_not_503(http: TestClient, scheduler: Scheduler) -> None:
+    """Issue 13: 100 prompts on an idle server got 503 with Retry-After, though no retry could succeed."""
+    capacity = scheduler.capacity(DEFAULT_MODEL)
+    body = {"model": DEFAULT_MODEL, "prompt": ["Hi"] * (capacity + 1), "max_tokens": 1}
+    err = assert_error(http.post("/v1/completions", json=body), 400, param="prompt", code="too_many_prompts")
+    assert str(capacity) in err["message"]
+    ok = http.post("/v1/completions", json={**body, "prompt": ["Hi"] * 3})
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 3
+
+
+def test_invalid_unicode_reaching_the_tokenizer_is_400(http: TestClient) -> None:
+    """Issue 13: a lone surrogate in content or prompt gave a 500 (UnicodeEncodeError in tokenize)."""
+    raw = r'{"model": "%s", "messages": [{"role": "user", "content": "a \udfff"}], "max_tokens": 2}'
+    resp = http.post("/v1/chat/completions", content=raw % DEFAULT_MODEL, headers={"content-type": "application/json"})
+    assert_error(resp, 400, param="messages.0.content", code="invalid_unicode")
+    raw = r'{"model": "%s", "prompt": "\ud800", "max_tokens": 2}'
+    resp = http.post("/v1/completions", content=raw % DEFAULT_MODEL, headers={"content-type": "application/json"})
+    assert_error(resp, 400, param="prompt", code="invalid_unicode")
 
 
 def test_unsupported_completion_features(http: TestClient) -> None:
@@ -162,7 +182,7 @@ def test_server_still_serves_after_errors(http: TestClient) -> None:
 
 def test_api_key_enforced(scheduler: Scheduler) -> None:
     app = create_app(scheduler, Settings(api_key="s3cret-key-1"))
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         assert_error(client.get("/v1/models"), 401, code="invalid_api_key")
         assert_error(
             client.get("/v1/models", headers={"Authorization": "Bearer wrong-key-1"}), 401, code="invalid_api_key"

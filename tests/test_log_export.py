@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ def add(
 ) -> None:
     """Log one exchange (chat when ``messages`` is given, else completions) and its feedback."""
     now = float(next(_clock))
+    request: dict[str, Any]
     if messages is not None:
         endpoint, request = "chat.completions", {"model": model, "messages": messages}
     else:
@@ -302,6 +304,60 @@ def test_the_log_itself_is_never_overwritten(store: LogStore, tmp_path: Path) ->
     with pytest.raises(ValueError, match="request log itself"):
         run(store, "chat", tmp_path / "log.sqlite")
     assert store.count(LogFilter()) == 1
+
+
+def _aliases(tmp_path: Path, name: str) -> list[Path]:
+    """``name`` in ``tmp_path`` spelled four ways: plainly, through ``..``, relative, and through a symlink."""
+    (tmp_path / "sub").mkdir(exist_ok=True)
+    link = tmp_path / "sub" / f"link-to-{name}"
+    link.symlink_to(tmp_path / name)
+    return [tmp_path / name, tmp_path / "sub" / ".." / name, Path(os.path.relpath(tmp_path / name)), link]
+
+
+@pytest.mark.parametrize("suffix", ["", "-wal", "-shm", "-journal"])
+def test_no_file_of_the_log_is_an_output(store: LogStore, tmp_path: Path, suffix: str) -> None:
+    """Issue 13: an export renamed onto the live -wal file lost every exchange not yet checkpointed."""
+    add(store, "a", messages=user("Hi"), answers=["Hello"])
+    wal = (tmp_path / "log.sqlite-wal").read_bytes()
+    for out in _aliases(tmp_path, f"log.sqlite{suffix}"):
+        with pytest.raises(ValueError, match="request log"):
+            run(store, "chat", out)
+    assert (tmp_path / "log.sqlite-wal").read_bytes() == wal
+    assert store.count(LogFilter()) == 1
+    assert not list(tmp_path.glob("*.jsonl")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_hard_link_to_the_log_is_refused(store: LogStore, tmp_path: Path) -> None:
+    add(store, "a", messages=user("Hi"), answers=["Hello"])
+    os.link(tmp_path / "log.sqlite-wal", tmp_path / "other-name")
+    with pytest.raises(ValueError, match="request log"):
+        run(store, "chat", tmp_path / "other-name")
+
+
+def test_split_outputs_are_checked_too(store: LogStore, tmp_path: Path) -> None:
+    """``--split`` writes ``NAME.train.jsonl`` and ``NAME.valid.jsonl``: neither may be a file of the log."""
+    add(store, "a", messages=user("Hi"), answers=["Hello"])
+    add(store, "b", messages=user("Yo"), answers=["Hey"])
+    (tmp_path / "data.valid.jsonl").symlink_to(tmp_path / "log.sqlite-wal")
+    wal = (tmp_path / "log.sqlite-wal").read_bytes()
+    with pytest.raises(ValueError, match=r"data\.valid\.jsonl is the request log"):
+        run(store, "chat", tmp_path / "data.jsonl", split=0.5)
+    assert (tmp_path / "log.sqlite-wal").read_bytes() == wal
+    assert not (tmp_path / "data.train.jsonl").exists()
+
+
+def test_a_directory_is_not_an_output(store: LogStore, tmp_path: Path) -> None:
+    add(store, "a", messages=user("Hi"), answers=["Hello"])
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ValueError, match="is a directory"):
+        run(store, "chat", tmp_path / "out")
+    (tmp_path / "data.train.jsonl").mkdir()
+    with pytest.raises(ValueError, match=r"data\.train\.jsonl is a directory"):
+        run(store, "chat", tmp_path / "data.jsonl", split=0.5)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("log.sqlite")) == [
+        "data.train.jsonl",
+        "out",
+    ]
 
 
 def test_progress_bar_runs_over_the_records(

@@ -47,6 +47,7 @@ EXPECTED_COLUMNS = {
         ("status", "TEXT", 1, 0),
         ("http_status", "INTEGER", 0, 0),
         ("error", "TEXT", 0, 0),
+        ("log_note", "TEXT", 0, 0),
     ],
     "feedback": [
         ("exchange_id", "TEXT", 0, 1),
@@ -85,7 +86,7 @@ def record(i: int, **changes: object) -> ExchangeRecord:
 
 def test_schema_is_exactly_the_documented_one(tmp_path: Path) -> None:
     db = connect(tmp_path / "log.sqlite")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     assert sorted(db.table_names()) == ["exchanges", "feedback"]
     for table, columns in EXPECTED_COLUMNS.items():
         info = [(r[1], r[2], r[3], r[5]) for r in db.execute(f"PRAGMA table_info({table})").fetchall()]

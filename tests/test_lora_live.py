@@ -54,7 +54,7 @@ def test_adapters_on_a_running_server(
     assert added.returncode == 0, added.stderr
     assert PIRATE in added.stdout
 
-    server = start_server("--parallel", "4")
+    server = start_server("--parallel", "4", "--lora-dir", str(src))
     url = server.base_url
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
     models = {m.id: m for m in client.models.list().data}

@@ -7,16 +7,18 @@ loads a model or reads configuration itself, so tests can build it around any sc
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 from fastapi import FastAPI
 
 from appliance import __version__
-from appliance.api.edge import EdgeMiddleware
+from appliance.api.edge import EdgeMiddleware, EdgePolicy
 from appliance.api.errors import install_error_handlers
 from appliance.api.hardware import router as hardware_router
 from appliance.api.logs import router as logs_router
 from appliance.api.loras import router as loras_router
 from appliance.api.metrics import metrics_registry
+from appliance.api.openapi import install_openapi
 from appliance.api.recording import record_invalid
 from appliance.api.routes import router, v1
 from appliance.config import Settings
@@ -44,13 +46,22 @@ def create_app(
     app.state.loras = loras
     app.state.hardware = hardware
     app.state.started = int(time.time())
-    app.state.metrics = metrics_registry(scheduler, app.state.request_log)
+    app.state.refusals = Counter()  # edge refusals by code, for /metrics
+    app.state.metrics = metrics_registry(scheduler, app.state.request_log, app.state.refusals)
     app.include_router(router)
     app.include_router(v1)
     app.include_router(logs_router)
     app.include_router(loras_router)
     app.include_router(hardware_router)
     install_error_handlers(app, on_invalid=record_invalid)
-    uploads = {"/v1/appliance/loras": int(settings.max_upload_mb * (1 << 20))}
-    app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes, uploads=uploads)
+    policy = EdgePolicy(
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout=settings.body_timeout,
+        api_key=settings.api_key is not None,
+        allowed_hosts=frozenset(h.strip().lower().rstrip(".") for h in settings.allowed_hosts),
+        allowed_origins=frozenset(settings.allowed_origins),
+        uploads={"/v1/appliance/loras": int(settings.max_upload_mb * (1 << 20))},
+    )
+    app.add_middleware(EdgeMiddleware, policy=policy, refusals=app.state.refusals)
+    install_openapi(app)
     return app

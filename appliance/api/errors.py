@@ -116,7 +116,7 @@ def install_error_handlers(app: FastAPI, on_invalid: Callable[[Request, Any, int
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed"}
+        codes = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout", 413: "request_too_large"}
         message = (
             str(exc.detail)
             if exc.status_code not in (404, 405)

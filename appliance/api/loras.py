@@ -2,9 +2,12 @@
 
 Adding takes either a path on this machine (JSON ``{"path", "base", "name"}``) or the file itself
 as the raw request body (``Content-Type: application/octet-stream``, ``?base=...&name=...``), so
-``curl --data-binary @adapter.gguf`` works from another box. A wrong file is refused with what is
-wrong (which tensor, which shapes) and changes nothing. Removing answers once the adapter is
-freed, after the requests still using it end; new requests are refused it at once.
+``curl --data-binary @adapter.gguf`` works from another box. A path is read on the client's behalf,
+so it must lie in a folder the user named (``lora_dirs``); any other is refused with one message
+whether or not it exists, so the route cannot be used to learn what files the machine holds.
+A wrong file is refused with what is wrong (which tensor, which shapes) and changes nothing.
+Removing answers once the adapter is freed, after the requests still using it end; new requests
+are refused it at once.
 """
 
 from __future__ import annotations
@@ -42,6 +45,25 @@ def _sync(request: Request) -> AdapterSync:
     if sync is None:
         raise APIError(503, "LoRA adapters are not available on this server.", type="server_error")
     return sync
+
+
+def _allowed_path(request: Request, raw: str) -> Path:
+    """The adapter file named by a client, if it lies in one of the ``lora_dirs`` (symlinks resolved)."""
+    folders: tuple[Path, ...] = request.app.state.settings.lora_dirs
+    path = Path(raw).expanduser()
+    if path.is_absolute():
+        resolved = path.resolve()
+        if any(resolved.is_relative_to(folder.expanduser().resolve()) for folder in folders):
+            return resolved
+    where = ", ".join(str(f) for f in folders) if folders else "none is configured"
+    raise APIError(
+        403,
+        "Adding an adapter by path is allowed only for absolute paths in the folders named by lora_dirs "
+        f"(--lora-dir; here: {where}). Upload the file instead: "
+        "POST it with 'Content-Type: application/octet-stream' and ?base=MODEL&name=NAME.",
+        param="path",
+        code="path_not_allowed",
+    )
 
 
 def _card(state: AdapterState) -> dict[str, Any]:
@@ -111,7 +133,8 @@ async def add_adapter(request: Request) -> JSONResponse:
                 first = exc.errors()[0]
                 where = ".".join(str(p) for p in first["loc"]) or None
                 raise APIError(400, f"Invalid request: {where or 'body'}: {first['msg']}.", param=where) from exc
-        state = await asyncio.to_thread(sync.add, Path(body.path), base=body.base, name=body.name)
+        source = upload if upload is not None else _allowed_path(request, body.path)
+        state = await asyncio.to_thread(sync.add, source, base=body.base, name=body.name)
     except (AdapterStoreError, RegistryError) as exc:
         if upload is not None:  # say the name the client gave, not our temporary file's
             exc.args = (str(exc).replace(upload.name, f"'{request.query_params.get('name')}' (uploaded)"),)

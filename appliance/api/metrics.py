@@ -6,6 +6,7 @@ nothing per token for metrics and each app instance has its own registry (no glo
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
@@ -39,13 +40,16 @@ GAUGES = (
 LOG_COUNTERS = (
     ("written", "log_records_written", "Request log records committed to the database."),
     ("dropped", "log_records_dropped", "Request log records dropped because the buffer was full."),
+    ("failed", "log_records_failed", "Request log records that could not be written in any form."),
+    ("refusals_not_logged", "log_refusals_not_logged", "Refused requests beyond the log's rate, counted only."),
 )
 
 
 class SchedulerCollector(Collector):
-    def __init__(self, scheduler: Scheduler, request_log: RequestLog) -> None:
+    def __init__(self, scheduler: Scheduler, request_log: RequestLog, refusals: Counter[str] | None = None) -> None:
         self._scheduler = scheduler
         self._log = request_log
+        self._refusals = refusals if refusals is not None else Counter()
 
     def collect(self) -> Iterator[Metric]:
         stats: list[RunnerStats] = self._scheduler.stats()
@@ -59,6 +63,14 @@ class SchedulerCollector(Collector):
             for s in stats:
                 gauge.add_metric([s.model], float(getattr(s, field)))
             yield gauge
+        refused = CounterMetricFamily(
+            "appliance_requests_refused",
+            "Requests refused at the edge (host, origin, content type, size, pace, body shape), by code.",
+            labels=["code"],
+        )
+        for code, n in sorted(self._refusals.items()):
+            refused.add_metric([code], float(n))
+        yield refused
         status = self._log.status()
         if status["enabled"]:
             for field, name, doc in LOG_COUNTERS:
@@ -67,13 +79,17 @@ class SchedulerCollector(Collector):
                 "appliance_log_records_pending", "Request log records not yet committed.", value=status["pending"]
             )
             yield GaugeMetricFamily(
-                "appliance_log_healthy", "1 when the request log is writable.", value=float(status["error"] is None)
+                "appliance_log_healthy",
+                "1 when the request log is writable and its writer runs.",
+                value=float(status["error"] is None),
             )
 
 
-def metrics_registry(scheduler: Scheduler, request_log: RequestLog) -> CollectorRegistry:
+def metrics_registry(
+    scheduler: Scheduler, request_log: RequestLog, refusals: Counter[str] | None = None
+) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SchedulerCollector(scheduler, request_log))
+    registry.register(SchedulerCollector(scheduler, request_log, refusals))
     return registry
 
 

@@ -92,6 +92,10 @@ class Exchange:
                 continue
             elif finish.finish_reason == "cancelled":
                 status, reason = "cancelled", finish.error or "the client went away"
+            elif finish.finish_reason == "timeout":
+                status, reason = "server_error", f"queue_timeout: {finish.error}"
+            elif finish.finish_reason == "shutdown":
+                status, reason = "server_error", f"shutting_down: {finish.error}"
             else:
                 status = "server_error" if status == "ok" else status
                 reason = f"{finish.finish_reason}: {finish.error}"

@@ -54,16 +54,25 @@ def _raise_if_failed(finish: FinishEvent) -> None:
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """Liveness plus the load (slots, queue depth, tokens/s, cache and draft counters) and the log's state."""
+    """Liveness plus the load (slots, queue depth, tokens/s, cache and draft counters) and the log's state.
+
+    ``status`` is ``ok``, ``degraded`` (serving, but the request log cannot be written: still 200,
+    the endpoint answers) or ``shutting_down`` (503, so a load balancer stops sending work).
+    """
     scheduler = _scheduler(request)
-    status = "ok" if scheduler.accepting else "shutting_down"
+    log_status = request.app.state.request_log.status()
+    status = "ok"
+    if log_status.get("error"):
+        status = "degraded"
+    if not scheduler.accepting:
+        status = "shutting_down"
     body = {
         "status": status,
         "models": [vars(s) for s in scheduler.stats()],
         # a log that cannot be written shows here; serving goes on
-        "request_log": request.app.state.request_log.status(),
+        "request_log": log_status,
     }
-    return JSONResponse(body, status_code=200 if status == "ok" else 503)
+    return JSONResponse(body, status_code=503 if status == "shutting_down" else 200)
 
 
 @router.get("/metrics", dependencies=[Depends(require_api_key)])
@@ -142,6 +151,15 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
     try:
         internals = convert.completion_requests(body)
         exchange.requests.extend(internals)
+        capacity = _scheduler(request).capacity(body.model)
+        if len(internals) > capacity:
+            raise APIError(
+                400,
+                f"Too many prompts in one request: {len(internals)}, and this server holds at most {capacity} "
+                f"requests for '{body.model}' at once. Send them in several requests.",
+                param="prompt",
+                code="too_many_prompts",
+            )
         if body.echo and any(r.prompt is None for r in internals):
             raise APIError(400, "echo is supported for text prompts only.", param="echo", code="unsupported_parameter")
         echo = [r.prompt or "" for r in internals] if body.echo else [""] * len(internals)

@@ -38,6 +38,10 @@ def finish_error(finish: FinishEvent) -> dict[str, Any] | None:
         return error_body(
             503, f"The request timed out waiting: {finish.error}.", type="server_error", code="queue_timeout"
         )
+    if finish.finish_reason == "shutdown":
+        return error_body(
+            503, f"The server is shutting down: {finish.error}.", type="server_error", code="shutting_down"
+        )
     if finish.finish_reason == "cancelled":
         return error_body(
             503,

@@ -118,7 +118,9 @@ class AdapterStore:
         with self._locked():
             records = self.records()
             if any(r.name == name for r in records):
-                raise AdapterExistsError(f"an adapter named '{name}' already exists; remove it first or pick --name")
+                raise AdapterExistsError(
+                    f"an adapter named '{name}' already exists on this server; remove it first or choose another name"
+                )
             target = self.dir / f"{name}.gguf"
             partial = target.with_suffix(".gguf.partial")
             try:

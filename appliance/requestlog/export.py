@@ -125,7 +125,7 @@ def export(
             f"split is the share of examples for training and must be between 0 and 1 (exclusive), not {split}"
         )
     out = Path(out)
-    _refuse_log_file(store, out)
+    _refuse_log_file(store, out, split is not None)
     out.parent.mkdir(parents=True, exist_ok=True)
     selections = _selections(fmt, filters)
     result = ExportResult()
@@ -168,11 +168,41 @@ def _valid_size(n: int, split: float) -> int:
     return min(n - 1, max(1, round(n * (1 - split))))
 
 
-def _refuse_log_file(store: LogStore, out: Path) -> None:
-    """A mistyped path must not replace the log database with a JSONL file."""
+LOG_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal")  # the database and the files SQLite keeps beside it
+
+
+def _refuse_log_file(store: LogStore, out: Path, split: bool) -> None:
+    """No output may be a directory or one of the log's files, however the path spells it.
+
+    The export renames a finished file onto its target. Renamed onto the database it replaces
+    the log; onto the live ``-wal`` file it unlinks every exchange not yet checkpointed, which a
+    running server then never gets back (issue 13). Paths are compared resolved (symlinks,
+    ``..``, relative names), and existing files also by device and inode (hard links).
+    """
+    targets = split_paths(out) if split else (out,)
+    for target in targets:
+        if target.is_dir():
+            raise ValueError(f"{target} is a directory: give a file to export to, such as {target / 'export.jsonl'}")
     for row in store.db.execute("PRAGMA database_list").fetchall():
-        if row[2] and Path(row[2]).resolve() in {p.resolve() for p in (out, *split_paths(out))}:
-            raise ValueError(f"{out} is the request log itself: choose another file to export to")
+        if not row[2]:
+            continue  # an in-memory or temporary database has no files
+        database = Path(row[2])
+        for suffix in LOG_FILE_SUFFIXES:
+            spellings = {Path(f"{database}{suffix}"), Path(f"{database.resolve()}{suffix}")}
+            log_file = {p.resolve() for p in spellings}
+            inodes = {_inode(p) for p in spellings} - {None}
+            for target in targets:
+                if target.resolve() in log_file or _inode(target) in inodes:
+                    what = "the request log itself" if not suffix else f"the request log's {suffix} file"
+                    raise ValueError(f"{target} is {what} ({database}): choose another file to export to")
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _selections(fmt: str, filters: LogFilter) -> list[LogFilter]:

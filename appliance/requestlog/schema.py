@@ -59,6 +59,10 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at REAL NOT NULL
     );
     """,
+    # 2: what the writer could not store as sent (lone surrogates replaced, a body cut short...)
+    """
+    ALTER TABLE exchanges ADD COLUMN log_note TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_MS = 2000

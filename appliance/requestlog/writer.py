@@ -5,6 +5,12 @@ commit itself) of being handed over, in WAL mode, so a ``kill -9`` loses at most
 fraction of a second. When the database cannot be written (disk full, locked, gone) records stay
 in the buffer and the writer retries with back-off; the problem shows in ``status()`` (and so in
 ``/health``) and in the log. Only when the buffer is full are new records dropped, and counted.
+
+No record can stop the writer: what the client sent is made storable (``ExchangeRecord.to_row``),
+a record the database still refuses is written in a minimal form, and one that cannot be written
+even so is counted as ``failed``, so the records behind it are never held up. Refusals (requests
+answered 4xx/5xx before anything was generated) are stored in short form and at most
+``REFUSALS_PER_MINUTE`` a minute: a flood of 503s must not bury the exchanges worth keeping.
 """
 
 from __future__ import annotations
@@ -29,6 +35,29 @@ log = logging.getLogger(__name__)
 
 BATCH_MAX = 256
 RETRY_MAX_S = 5.0
+REFUSALS_PER_MINUTE = 60
+# the database or the disk is the problem (retry the batch later), not one record
+ENVIRONMENT_ERRORS = (sqlite3.OperationalError, LogDatabaseError, OSError)
+
+
+class RefusalLimiter:
+    """A token bucket: ``per_minute`` refusals a minute, in bursts of as many."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float]) -> None:
+        self._rate = per_minute / 60.0
+        self._capacity = float(per_minute)
+        self._tokens = float(per_minute)
+        self._clock = clock
+        self._last = clock()
+
+    def allow(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self._capacity, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
 
 
 @dataclass(frozen=True)
@@ -72,6 +101,9 @@ class LogWriter:
         self._committed = 0  # of the submitted, how many are settled (written or given up)
         self._written = 0
         self._dropped = 0
+        self._failed_records = 0  # could not be written in any form
+        self._refusals_skipped = 0  # refusals beyond REFUSALS_PER_MINUTE, counted only
+        self._refusals = RefusalLimiter(REFUSALS_PER_MINUTE, clock)
         self._last_error: str | None = None
         self._stopping = False
         self._store: LogStore | None = None
@@ -81,7 +113,23 @@ class LogWriter:
     # -- the API side: never blocks ------------------------------------------------------
 
     def submit(self, record: ExchangeRecord) -> bool:
-        """Queue a record; False (and counted as dropped) when the buffer is full."""
+        """Queue a record; False (and counted as dropped) when the buffer is full.
+
+        A refusal is cut to its short form here, so a large refused body is not held in memory,
+        or only counted when refusals come faster than the log keeps them.
+        """
+        if record.is_refusal:
+            with self._cond:
+                if not self._refusals.allow():
+                    self._refusals_skipped += 1
+                    if self._refusals_skipped == 1 or self._refusals_skipped % 1000 == 0:
+                        log.warning(
+                            "more than %d refused requests a minute: only counted, not logged (%d so far)",
+                            REFUSALS_PER_MINUTE,
+                            self._refusals_skipped,
+                        )
+                    return False
+            record.compact()
         with self._cond:
             if self._stopping or len(self._pending) + self._in_flight >= self._max_pending:
                 self._dropped += 1
@@ -108,13 +156,18 @@ class LogWriter:
 
     def status(self) -> dict[str, Any]:
         with self._cond:
+            error = self._last_error
+            if error is None and not self._thread.is_alive() and not self._stopping:
+                error = "the request log writer has stopped"  # cannot happen by design; never hide it
             return {
                 "enabled": True,
                 "path": str(self.path),
                 "written": self._written,
                 "pending": len(self._pending) + self._in_flight,
                 "dropped": self._dropped,
-                "error": self._last_error,
+                "failed": self._failed_records,
+                "refusals_not_logged": self._refusals_skipped,
+                "error": error,
             }
 
     def close(self, timeout: float = 10.0) -> None:
@@ -147,20 +200,23 @@ class LogWriter:
                 self._in_flight = len(batch)
             try:
                 store = self._open()
-                if batch:
-                    self._write(store, batch)
+                failed = self._write(store, batch) if batch else 0
                 if self._retention.active and self._clock() >= next_retention:
                     next_retention = self._clock() + self._retention.every_s
                     self._enforce_retention(store)
-            except (sqlite3.Error, LogDatabaseError, OSError) as exc:
+            except ENVIRONMENT_ERRORS as exc:
                 self._failed(batch, exc)
                 time.sleep(delay)
                 delay = min(RETRY_MAX_S, delay * 2)
                 continue
+            except Exception:  # a bug of ours: give the batch up rather than the whole log
+                log.exception("request log: %d records could not be written", len(batch))
+                failed = len(batch)
             delay = self._flush_interval
             with self._cond:
                 self._in_flight = 0
-                self._written += len(batch)
+                self._written += len(batch) - failed
+                self._failed_records += failed
                 self._committed += len(batch)
                 if self._last_error is not None:
                     log.warning("request log writable again: %s", self.path)
@@ -172,17 +228,59 @@ class LogWriter:
             self._store = LogStore(connect(self._file))
         return self._store
 
-    def _write(self, store: LogStore, batch: list[ExchangeRecord]) -> None:
+    def _write(self, store: LogStore, batch: list[ExchangeRecord]) -> int:
+        """Commit the batch; return how many records could not be written in any form.
+
+        The whole batch goes in one transaction. If the database refuses it for something other
+        than its own state (``ENVIRONMENT_ERRORS``, raised for a retry), it is one record's fault:
+        the records are then written one by one, and a refused one in its minimal form.
+        """
         rows = [self._row(record) for record in batch]
+        try:
+            self._insert(store, rows)
+            return 0
+        except ENVIRONMENT_ERRORS:
+            raise
+        except Exception as exc:
+            log.warning(
+                "request log: a batch was refused (%s: %s); writing its records one by one", type(exc).__name__, exc
+            )
+        failed = 0
+        for row in rows:
+            try:
+                self._insert(store, [row])
+                continue
+            except ENVIRONMENT_ERRORS:
+                raise
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            try:
+                self._insert(store, [_minimal(row, reason)])
+                log.error("request log: record %s stored without its content (%s)", row.get("id"), reason)
+            except ENVIRONMENT_ERRORS:
+                raise
+            except Exception:
+                log.exception("request log: record %s could not be written", row.get("id"))
+                failed += 1
+        return failed
+
+    @staticmethod
+    def _insert(store: LogStore, rows: list[dict[str, Any]]) -> None:
         with write(store.db):
             store.db["exchanges"].insert_all(rows, replace=True)  # type: ignore[union-attr]
 
     def _row(self, record: ExchangeRecord) -> dict[str, Any]:
         r = self._redactor
-        record.request = r.value(record.request)
-        record.choices = r.value(record.choices)
-        record.prompt_text = r.text(record.prompt_text) if record.prompt_text else record.prompt_text
-        record.error = r.text(record.error) if record.error else record.error
+        try:
+            record.request = r.value(record.request)
+            record.choices = r.value(record.choices)
+            record.prompt_text = r.text(record.prompt_text) if record.prompt_text else record.prompt_text
+            record.error = r.text(record.error) if record.error else record.error
+        except Exception as exc:  # never store what could not be redacted
+            log.exception("request log: redaction failed for %s", record.id)
+            record.request, record.choices, record.prompt_text = {}, [], None
+            record.error = None
+            record.notes.append(f"redaction failed ({type(exc).__name__}): content not stored")
         return record.to_row()
 
     def _enforce_retention(self, store: LogStore) -> None:
@@ -206,6 +304,14 @@ class LogWriter:
             with contextlib.suppress(sqlite3.Error):
                 self._store.close()
             self._store = None
+
+
+def _minimal(row: dict[str, Any], reason: str) -> dict[str, Any]:
+    """What is always storable of a row: its facts without the client's content."""
+    content = ("request", "response", "prompt_text", "response_text", "error", "adapters")
+    slim = {k: v for k, v in row.items() if k not in content}
+    slim.update(request="{}", adapters="[]", log_note=f"content not stored: {reason}"[:1000])
+    return slim
 
 
 class RequestLog(Protocol):
