@@ -127,6 +127,8 @@ def test_writer_commits_within_a_second(tmp_path: Path) -> None:
             "written": 20,
             "pending": 0,
             "dropped": 0,
+            "failed": 0,
+            "refusals_not_logged": 0,
             "error": None,
         }
     finally:

@@ -152,3 +152,31 @@ def test_the_servers_own_api_key_is_redacted(tmp_path: Path) -> None:
     stored = rows(tmp_path / "log.sqlite")["chatcmpl-1"]
     assert key not in json.dumps(stored)
     assert "[REDACTED:api_key]" in str(stored["request"])
+
+
+def test_health_and_metrics_show_a_failing_log(tmp_path: Path) -> None:
+    """Was: after the writer died, /health still said all was well."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from appliance.api.app import create_app
+    from appliance.config import Settings
+    from appliance.scheduler import Scheduler
+
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the log's folder should be")
+    writer = LogWriter(blocked / "log.sqlite", flush_interval=0.05)
+    writer.submit(record(1))
+    deadline = time.monotonic() + 5
+    while writer.status()["error"] is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    app = create_app(Scheduler(), Settings(), writer)
+    try:
+        with TestClient(app, base_url="http://localhost") as http:
+            health = http.get("/health")
+            assert health.status_code == 200  # it still serves
+            assert health.json()["status"] == "degraded" and health.json()["request_log"]["error"]
+            assert "appliance_log_healthy 0.0" in http.get("/metrics").text
+    finally:
+        writer.close(timeout=0.5)

@@ -81,7 +81,7 @@ def test_redaction_never_holds_the_gil_for_long() -> None:
         gaps.append(now - last)
         last = now
     worker.join()
-    assert max(gaps) < 0.25  # the old rules held it for the whole search (over a minute here)
+    assert max(gaps, default=0.0) < 0.25  # the old rules held it for the whole search (over a minute here)
 
 
 def test_content_nested_10000_deep_is_redacted() -> None:

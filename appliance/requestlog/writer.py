@@ -307,11 +307,20 @@ class LogWriter:
 
 
 def _minimal(row: dict[str, Any], reason: str) -> dict[str, Any]:
-    """What is always storable of a row: its facts without the client's content."""
+    """What is always storable of a row: its plain facts, without the client's content.
+
+    A value SQLite cannot hold (an integer past 64 bits, a stray type) is left out too.
+    """
     content = ("request", "response", "prompt_text", "response_text", "error", "adapters")
-    slim = {k: v for k, v in row.items() if k not in content}
+    slim = {k: v for k, v in row.items() if k not in content and _storable(v)}
     slim.update(request="{}", adapters="[]", log_note=f"content not stored: {reason}"[:1000])
     return slim
+
+
+def _storable(value: Any) -> bool:
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**63
+    return value is None or isinstance(value, str | float)
 
 
 class RequestLog(Protocol):
