@@ -327,7 +327,7 @@ def serve(settings: Settings, paths: Paths, sources: Mapping[str, str] | None = 
         scheduler = build_scheduler(settings, paths, planned=planned)
         adapters = build_adapters(scheduler, paths)
         request_log = build_request_log(settings, paths)
-        app = create_app(scheduler, settings, request_log, adapters, hardware)
+        app = create_app(scheduler, settings, request_log, adapters, hardware, paths=paths, sources=sources)
         server = make_server(
             app,
             scheduler,

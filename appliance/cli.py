@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     _plan_args(doctor)
     logs_cli.add_parser(sub)
     lora_cli.add_parser(sub)
+    sub.add_parser(
+        "gui", help="the desktop app (also: appliance with no arguments where there is a display)", add_help=False
+    )
     return parser
 
 
@@ -242,6 +245,22 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _has_display() -> bool:
+    """Whether a window can be shown: always on Windows and macOS, with an X or Wayland display elsewhere."""
+    if sys.platform in ("win32", "darwin"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def _cmd_gui(argv: list[str]) -> int:
+    """The desktop app; imported only here, so ``--serve`` never loads Qt."""
+    try:
+        from gui.app import main as gui_main
+    except ImportError as exc:
+        return _fail(f"the desktop app needs PySide6 ({exc}); install it with: pip install 'llm-appliance[gui]'")
+    return gui_main(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; its exit status is returned.
 
@@ -273,6 +292,8 @@ def _run(argv: Sequence[str] | None) -> int:
     if "--serve" in args_list:  # `appliance --serve [options]` is `appliance serve [options]`
         args_list.remove("--serve")
         args_list.insert(0, "serve")
+    if args_list[:1] == ["gui"] or (not args_list and _has_display()):
+        return _cmd_gui(args_list[1:])
     parser = build_parser()
     args = parser.parse_args(args_list)
     try:

@@ -18,8 +18,10 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from appliance.generation import (
     ContextLengthError,
@@ -45,6 +47,11 @@ log = logging.getLogger(__name__)
 
 PREFILL_SHARE_WHILE_DECODING = 4  # while streams decode, a step prefills at most n_batch / this
 RATE_WINDOW_S = 10.0
+FINISHED_KEPT = 100  # finished requests each runner remembers for ``requests()``
+
+# Who sent the requests submitted from the current task ("local", "api-key", "unix-socket"). The
+# API sets it once per HTTP request, so no route has to pass it along; it is only ever shown.
+submitted_by: ContextVar[str] = ContextVar("submitted_by", default="")
 
 
 @dataclass
@@ -97,6 +104,8 @@ class _Job:
     cancel: threading.Event
     enqueued: float = field(default_factory=time.monotonic)
     adapters: AdapterKey = ()
+    client: str = ""
+    cancelled_by: str | None = None  # why the server cancelled it; None: its client went away
 
 
 @dataclass
@@ -128,6 +137,8 @@ class _Sequence:
     pending: int | None = None
     completion_tokens: int = 0
     ngrams: NgramIndex | None = None
+    started: float = 0.0  # admitted to its slot
+    first_token_at: float | None = None  # prefill done: the first token is being sampled
 
     @property
     def prefilling(self) -> bool:
@@ -150,6 +161,28 @@ class RunnerStats:
     draft_tokens_total: int
     draft_accepted_total: int
     tokens_per_second: float
+
+
+@dataclass(frozen=True)
+class RequestSnapshot:
+    """One request as ``requests()`` shows it: where it is and how far it got. Times are unix seconds."""
+
+    id: str
+    model: str
+    adapters: tuple[tuple[str, float], ...]
+    client: str
+    state: Literal["queued", "prefilling", "generating", "finished"]
+    prompt_tokens: int
+    prompt_tokens_done: int  # computed or taken from the prefix cache
+    cached_tokens: int
+    completion_tokens: int
+    max_tokens: int
+    enqueued_at: float
+    started_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    finish_reason: FinishReason | None = None
+    error: str | None = None
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -229,6 +262,7 @@ class ModelRunner:
             0,
         )
         self._rate: deque[tuple[float, int]] = deque()
+        self._finished: deque[RequestSnapshot] = deque(maxlen=FINISHED_KEPT)
         self._adapters: dict[str, _Adapter] = {}
         self._applied: AdapterKey = ()  # the adapter set of the last decode call
         self._thread = threading.Thread(target=self._run, name=f"decode-{model_id}", daemon=True)
@@ -268,6 +302,56 @@ class ModelRunner:
                 **{f"{name}_total": value for name, value in self._counters.items()},
                 tokens_per_second=round(rate, 2),
             )
+
+    def requests(self) -> tuple[list[RequestSnapshot], list[RequestSnapshot]]:
+        """The waiting and running requests, then the last finished ones (oldest first).
+
+        Reads the counters the decode thread keeps anyway, under the lock, only when asked: the
+        decode loop pays nothing per token for this.
+        """
+        with self._cond:
+            live = [self._snapshot(job, None) for job in self._waiting]
+            live += [self._snapshot(seq.job, seq) for seq in self._active.values()]
+            return live, list(self._finished)
+
+    def cancel(self, request_id: str, reason: str) -> bool:
+        """End a waiting or running request as if its client went away; False if none has this id."""
+        with self._cond:
+            for job in [*self._waiting, *(seq.job for seq in self._active.values())]:
+                if job.id == request_id:
+                    if not job.cancel.is_set():
+                        job.cancelled_by = reason
+                        job.cancel.set()
+                    self._cond.notify()
+                    return True
+        return False
+
+    def _snapshot(self, job: _Job, seq: _Sequence | None, finish: FinishEvent | None = None) -> RequestSnapshot:
+        wall = time.time() - self._clock()
+        state: Literal["queued", "prefilling", "generating", "finished"] = "queued"
+        if finish is not None:
+            state = "finished"
+        elif seq is not None:
+            state = "prefilling" if seq.prefilling else "generating"
+        first = seq.first_token_at if seq is not None else None
+        return RequestSnapshot(
+            id=job.id,
+            model=self.model_id,
+            adapters=tuple((a.name, scale) for a, scale in job.adapters),
+            client=job.client,
+            state=state,
+            prompt_tokens=len(job.tokens),
+            prompt_tokens_done=seq.n_prompt_done if seq is not None else 0,
+            cached_tokens=seq.n_cached if seq is not None else 0,
+            completion_tokens=seq.completion_tokens if seq is not None else 0,
+            max_tokens=job.max_tokens,
+            enqueued_at=job.enqueued + wall,
+            started_at=seq.started + wall if seq is not None else None,
+            first_token_at=first + wall if first is not None else None,
+            finished_at=time.time() if finish is not None else None,
+            finish_reason=finish.finish_reason if finish is not None else None,
+            error=finish.error if finish is not None else None,
+        )
 
     # ---- LoRA adapters (called from request threads) ------------------------------------------
     def add_adapter(self, name: str, path: Path, *, sha256: str | None = None, created: int = 0) -> None:
@@ -376,13 +460,16 @@ class ModelRunner:
         keep: deque[_Job] = deque()
         for job in self._waiting:
             if job.cancel.is_set():
-                job.emit(FinishEvent("cancelled", len(job.tokens), 0))
+                event = FinishEvent("cancelled", len(job.tokens), 0, job.cancelled_by)
             elif now - job.enqueued > self.config.queue_timeout:
                 self._counters["timeouts"] += 1
                 message = f"no slot became free within the queue timeout of {self.config.queue_timeout:g} s"
-                job.emit(FinishEvent("timeout", len(job.tokens), 0, message))
+                event = FinishEvent("timeout", len(job.tokens), 0, message)
             else:
                 keep.append(job)
+                continue
+            job.emit(event)
+            self._finished.append(self._snapshot(job, None, event))
         self._waiting = keep
 
     def _admit_locked(self) -> list[_Sequence]:
@@ -393,6 +480,7 @@ class ModelRunner:
             self._free.remove(slot)
             seq = _Sequence(job, slot, self.model.new_sampler(job.sampling), TextStream(job.request.stop))
             seq.n_cached = seq.n_prompt_done = seq.n_past = n_cached
+            seq.started = self._clock()
             if self.config.speculative:
                 seq.ngrams = NgramIndex(job.tokens)
             self._active[slot.index] = seq
@@ -423,7 +511,7 @@ class ModelRunner:
     def _drop_cancelled(self) -> None:
         for seq in list(self._active.values()):
             if seq.job.cancel.is_set():
-                self._finish(seq, "cancelled")
+                self._finish(seq, "cancelled", seq.job.cancelled_by)
 
     def _by_adapters(self, seqs: list[_Sequence], *, split: bool = False) -> list[list[_Sequence]]:
         """Sequences grouped by adapter set, the set applied last first; with ``split``, each
@@ -488,6 +576,7 @@ class ModelRunner:
             seq.n_prompt_done += n
             seq.n_past += n
             if done:
+                seq.first_token_at = self._clock()
                 generated += self._accept(seq, indices, [])
         with self._cond:
             self._rate.append((self._clock(), generated))
@@ -548,7 +637,8 @@ class ModelRunner:
             if tail.text:
                 seq.job.emit(TextEvent(tail.text))
         job = seq.job
-        job.emit(FinishEvent(reason, len(job.tokens), seq.completion_tokens, error, seq.n_cached))
+        event = FinishEvent(reason, len(job.tokens), seq.completion_tokens, error, seq.n_cached)
+        job.emit(event)
         seq.sampler.close()
         slot = seq.slot
         # rows of a long prompt are long-path rows: a shorter cache would pass for short-path rows
@@ -567,6 +657,7 @@ class ModelRunner:
             c["cached_prompt_tokens"] += seq.n_cached
             c["cache_hits"] += 1 if seq.n_cached else 0
             c["completion_tokens"] += seq.completion_tokens
+            self._finished.append(self._snapshot(job, seq, event))
 
     def _fail_all(self, message: str) -> None:
         for seq in list(self._active.values()):
@@ -641,6 +732,22 @@ class Scheduler:
     def stats(self) -> list[RunnerStats]:
         return [r.stats() for r in self._runners.values()]
 
+    def requests(self) -> tuple[list[RequestSnapshot], list[RequestSnapshot]]:
+        """Every model's waiting and running requests (first come first), then the finished ones (newest first)."""
+        live: list[RequestSnapshot] = []
+        finished: list[RequestSnapshot] = []
+        for runner in self._runners.values():
+            running, done = runner.requests()
+            live += running
+            finished += done
+        live.sort(key=lambda r: r.enqueued_at)
+        finished.sort(key=lambda r: r.finished_at or 0.0, reverse=True)
+        return live, finished
+
+    def cancel(self, request_id: str, reason: str) -> bool:
+        """Cancel a waiting or running request by the id its client sees; False if there is none."""
+        return any(runner.cancel(request_id, reason) for runner in self._runners.values())
+
     def capacity(self, model: str) -> int:
         """How many requests a model can hold at once: its slots plus its wait queue.
 
@@ -681,7 +788,10 @@ class Scheduler:
         max_tokens = request.max_tokens if request.max_tokens is not None else n_ctx - len(tokens)
         return runner, implied, tokens, max_tokens
 
-    async def submit(self, request: GenerationRequest, request_id: str | None = None) -> Generation:
+    async def submit(
+        self, request: GenerationRequest, request_id: str | None = None, client: str | None = None
+    ) -> Generation:
+        """Queue a request; ``client`` (who sent it, for ``requests()``) defaults to ``submitted_by``."""
         if not self._accepting:
             raise ShuttingDownError()
         runner, implied, tokens, max_tokens = await asyncio.to_thread(self.prepare, request)
@@ -708,6 +818,7 @@ class Scheduler:
             emit=emit,
             cancel=generation._cancel,
             adapters=adapters,
+            client=submitted_by.get() if client is None else client,
         )
         try:
             runner.submit(job)

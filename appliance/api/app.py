@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Mapping
 
 from fastapi import FastAPI
 
@@ -18,10 +19,13 @@ from appliance.api.hardware import router as hardware_router
 from appliance.api.logs import router as logs_router
 from appliance.api.loras import router as loras_router
 from appliance.api.metrics import metrics_registry
+from appliance.api.models import router as models_router
 from appliance.api.openapi import install_openapi
 from appliance.api.recording import record_invalid
+from appliance.api.requests import install as install_requests
 from appliance.api.routes import router, v1
-from appliance.config import Settings
+from appliance.api.settings import router as settings_router
+from appliance.config import Paths, Settings
 from appliance.hardware.report import HardwareReport
 from appliance.lora.sync import AdapterSync
 from appliance.requestlog.writer import DisabledLog, RequestLog
@@ -34,6 +38,8 @@ def create_app(
     request_log: RequestLog | None = None,
     loras: AdapterSync | None = None,
     hardware: HardwareReport | None = None,
+    paths: Paths | None = None,
+    sources: Mapping[str, str] | None = None,
 ) -> FastAPI:
     app = FastAPI(
         title="LLM appliance",
@@ -45,6 +51,8 @@ def create_app(
     app.state.request_log = request_log or DisabledLog()
     app.state.loras = loras
     app.state.hardware = hardware
+    app.state.paths = paths  # the home, whose config.toml the settings route reads and writes
+    app.state.sources = sources  # where each setting came from (config.load_settings_with_sources), if known
     app.state.started = int(time.time())
     app.state.refusals = Counter()  # edge refusals by code, for /metrics
     app.state.metrics = metrics_registry(scheduler, app.state.request_log, app.state.refusals)
@@ -53,6 +61,10 @@ def create_app(
     app.include_router(logs_router)
     app.include_router(loras_router)
     app.include_router(hardware_router)
+    # routers of the desktop app's screens
+    install_requests(app)  # its router, and the middleware that tags each request with its client
+    app.include_router(settings_router)
+    app.include_router(models_router)
     install_error_handlers(app, on_invalid=record_invalid)
     policy = EdgePolicy(
         max_body_bytes=settings.max_body_bytes,

@@ -155,6 +155,54 @@ def export(
     return result
 
 
+def records_to_read(
+    store: LogStore,
+    fmt: Format,
+    filters: LogFilter = LogFilter(status="ok"),  # noqa: B008 - frozen dataclass, safe to share
+) -> int:
+    """How many logged records an export of ``fmt`` reads: the measure of its progress.
+
+    Not the number of examples: records without an example for the format are read and skipped,
+    and a multi-prompt completion gives several.
+    """
+    _check_format(fmt)
+    return sum(store.count(f) for f in _selections(fmt, filters))
+
+
+def export_lines(
+    store: LogStore,
+    fmt: Format,
+    filters: LogFilter = LogFilter(status="ok"),  # noqa: B008 - frozen dataclass, safe to share
+    *,
+    dedupe: bool = False,
+    result: ExportResult | None = None,
+) -> Iterator[bytes]:
+    """The examples ``export`` would write to one file, as newline-terminated JSONL lines, one at a time.
+
+    For a caller that sends the lines on rather than writing a file (the HTTP export route), so no
+    file is staged and nothing is held in memory but the current record (and, for ``dpo``, the rated
+    answers waiting for their pairs). Once the generator is exhausted, ``result`` (when given) holds
+    the counts ``export`` reports: examples, duplicates, skipped and why; ``files`` stays empty.
+    """
+    _check_format(fmt)
+    result = result if result is not None else ExportResult()
+    reasons: Counter[str] = Counter()
+    for line in _lines(store, fmt, _selections(fmt, filters), result, reasons, dedupe=dedupe, on_record=_ignore):
+        result.examples += 1
+        yield line
+    result.skipped = sum(reasons.values())
+    result.skip_reasons = dict(reasons)
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+
+
+def _ignore(_: int) -> None:
+    return None
+
+
 def split_paths(out: Path) -> tuple[Path, Path]:
     """``data.jsonl`` gives ``data.train.jsonl`` and ``data.valid.jsonl``."""
     base = out.name.removesuffix(".jsonl")
@@ -245,31 +293,46 @@ def _write_all(
 ) -> list[int]:
     """Write every example to ``path``; return each line's byte offset (for the split)."""
     total = sum(store.count(f) for f in selections)
-    records = chain.from_iterable(store.iter_full(f) for f in selections)
-    seen: set[bytes] = set()
     offsets: list[int] = []
-    with tqdm(total=total, desc=f"export {fmt}", unit="record", disable=not progress, leave=False) as bar:
-        examples = {"chat": _chat_examples, "completions": _completion_examples, "dpo": _dpo_examples}[fmt]
-        with path.open("wb") as fh:
-            for example in examples(_counted(records, bar), reasons):
-                line = json.dumps(example, ensure_ascii=False).encode("utf-8")
-                if dedupe:
-                    digest = hashlib.blake2b(line, digest_size=16).digest()
-                    if digest in seen:
-                        result.duplicates += 1
-                        continue
-                    seen.add(digest)
-                offsets.append(fh.tell())
-                fh.write(line + b"\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+    bar = tqdm(total=total, desc=f"export {fmt}", unit="record", disable=not progress, leave=False)
+    with bar, path.open("wb") as fh:
+        for line in _lines(store, fmt, selections, result, reasons, dedupe=dedupe, on_record=bar.update):
+            offsets.append(fh.tell())
+            fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
     return offsets
 
 
-def _counted(records: Iterable[dict[str, Any]], bar: Any) -> Iterator[dict[str, Any]]:
+def _lines(
+    store: LogStore,
+    fmt: str,
+    selections: list[LogFilter],
+    result: ExportResult,
+    reasons: Counter[str],
+    *,
+    dedupe: bool,
+    on_record: Callable[[int], object],
+) -> Iterator[bytes]:
+    """Each example as one newline-terminated line of UTF-8 JSON; duplicates counted in ``result``."""
+    records = chain.from_iterable(store.iter_full(f) for f in selections)
+    seen: set[bytes] = set()
+    examples = {"chat": _chat_examples, "completions": _completion_examples, "dpo": _dpo_examples}[fmt]
+    for example in examples(_counted(records, on_record), reasons):
+        line = json.dumps(example, ensure_ascii=False).encode("utf-8")
+        if dedupe:
+            digest = hashlib.blake2b(line, digest_size=16).digest()
+            if digest in seen:
+                result.duplicates += 1
+                continue
+            seen.add(digest)
+        yield line + b"\n"
+
+
+def _counted(records: Iterable[dict[str, Any]], on_record: Callable[[int], object]) -> Iterator[dict[str, Any]]:
     for record in records:
         yield record
-        bar.update(1)
+        on_record(1)
 
 
 def _write_lines(source: Path, offsets: list[int], indices: Iterable[int], target: Path) -> None:

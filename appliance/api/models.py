@@ -1,0 +1,146 @@
+"""``/v1/appliance/models``: the model registry, and importing a GGUF file into it from the desktop app.
+
+``GET`` lists every registered model (built-in and imported) and whether this server has it loaded;
+``/v1/models`` lists only the loaded ones, as OpenAI clients expect. ``POST`` with JSON
+``{"path": "/abs/file.gguf", "id": "optional-id"}`` does what ``appliance models import`` does:
+checks the file is a sound GGUF before copying anything, copies and hashes it into the store and
+registers it in the user's ``models.toml``. Failures answer 400 with the import's own message
+(which tensor, truncated, not GGUF...). The model is registered, not loaded: the running server
+serves it after a restart with it among its models.
+
+The path names a file on the *server's* machine, read on the client's behalf, so it is accepted
+only from the same machine: a loopback client or the Unix socket. Anyone else gets 403 with one
+message whether or not the file exists, so the route cannot be used to learn what files the box
+holds (a remote client has no way to name our files usefully anyway; it would upload them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import threading
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from appliance.api.edge import require_api_key
+from appliance.api.errors import APIError
+from appliance.config import Paths, app_paths
+from appliance.modelstore import ModelFileError, import_model
+from appliance.registry import ModelSpec, RegistryError, load_registry
+
+router = APIRouter(prefix="/v1/appliance/models", dependencies=[Depends(require_api_key)])
+
+# one import at a time: two imports under the same id would both pass the "already exists" check
+_import_lock = threading.Lock()
+
+
+class ImportModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1, description="An absolute path to a GGUF file on the server's machine.")
+    id: str | None = Field(None, description="The model's id; by default derived from the file name.")
+
+
+class RegisteredModel(BaseModel):
+    """One model of the registry, without where its file lies (a client has no use for the server's paths)."""
+
+    id: str
+    object: str = "model"
+    engine: str
+    quantization: str | None
+    architecture: str | None
+    context_length: int | None
+    size_bytes: int | None
+    sha256: str | None
+    description: str | None
+    aliases: list[str]
+    source: str  # "built-in" or the models.toml that registers it
+    default: bool  # the registry's default model
+    loaded: bool  # this server serves it now
+
+    @classmethod
+    def of(cls, spec: ModelSpec, *, default: bool, loaded: bool) -> RegisteredModel:
+        return cls(
+            id=spec.id,
+            engine=spec.engine,
+            quantization=spec.quantization,
+            architecture=spec.architecture,
+            context_length=spec.context_length,
+            size_bytes=spec.size_bytes,
+            sha256=spec.sha256,
+            description=spec.description,
+            aliases=list(spec.aliases),
+            source=spec.source,
+            default=default,
+            loaded=loaded,
+        )
+
+
+class RegisteredModelList(BaseModel):
+    object: str = "list"
+    data: list[RegisteredModel]
+
+
+def _paths(request: Request) -> Paths:
+    """The home the server was started with; an app built without one (tests) uses APPLIANCE_HOME's."""
+    paths: Paths | None = getattr(request.app.state, "paths", None)
+    return paths if paths is not None else app_paths()
+
+
+def _loopback_ip(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:  # ::ffff:127.0.0.1
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
+def same_machine(request: Request) -> bool:
+    """Whether the request came over the Unix socket or from a loopback address."""
+    server = request.scope.get("server")
+    if server is None or server[1] is None:  # uvicorn gives (path, None) on a Unix socket
+        return True
+    return request.client is not None and _loopback_ip(request.client.host)
+
+
+@router.get("")
+async def list_registered(request: Request) -> RegisteredModelList:
+    try:
+        registry = await asyncio.to_thread(load_registry, _paths(request))
+    except RegistryError as exc:
+        raise APIError(500, str(exc), type="server_error", code="registry_invalid") from exc
+    loaded = set(request.app.state.scheduler.model_ids)
+    return RegisteredModelList(
+        data=[RegisteredModel.of(s, default=s.id == registry.default_model, loaded=s.id in loaded) for s in registry]
+    )
+
+
+def _import(paths: Paths, source: Path, model_id: str | None) -> ModelSpec:
+    with _import_lock:
+        return import_model(paths, source, model_id, progress=False)
+
+
+@router.post("", status_code=201)
+async def import_gguf(body: ImportModel, request: Request) -> RegisteredModel:
+    source = Path(body.path).expanduser()
+    if not same_machine(request) or not source.is_absolute():
+        raise APIError(
+            403,
+            "Importing a model by path is allowed only for an absolute path, from a client on the server's own "
+            "machine (loopback or the Unix socket); copy the file to that machine and import it there.",
+            param="path",
+            code="path_not_allowed",
+        )
+    try:
+        spec = await asyncio.to_thread(_import, _paths(request), source, body.id)
+    except ModelFileError as exc:
+        raise APIError(400, str(exc), param="path", code="invalid_model_file") from exc
+    except RegistryError as exc:
+        raise APIError(500, str(exc), type="server_error", code="registry_invalid") from exc
+    except OSError as exc:  # unreadable source, full disk: the file system's words are the useful ones
+        raise APIError(400, f"could not import {source}: {exc.strerror or exc}", param="path") from exc
+    return RegisteredModel.of(spec, default=False, loaded=spec.id in request.app.state.scheduler.model_ids)
