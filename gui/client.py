@@ -11,11 +11,17 @@ import json
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+if TYPE_CHECKING:
+    import httpx
+else:  # imported on first use, in a worker thread: it is a quarter of the app's start-up time
+    from gui.lazy import lazy_module
 
-TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+    httpx = lazy_module("httpx")
+
+# (total, connect) seconds of an ordinary call
+TIMEOUT = (30.0, 5.0)
 
 
 class ApiError(Exception):
@@ -40,19 +46,37 @@ class ApiClient:
     """The server's routes as methods. Thread-safe: one httpx client, shared by the worker threads."""
 
     def __init__(self, base_url: str, api_key: str | None = None, *, transport: httpx.BaseTransport | None = None):
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=TIMEOUT, transport=transport)
+        self._api_key = api_key
+        self._transport = transport
+        self._client: httpx.Client | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def _http(self) -> httpx.Client:
+        """The httpx client, made by the first call (in a worker thread), then shared."""
+        with self._lock:
+            if self._client is None:
+                headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+                timeout = httpx.Timeout(TIMEOUT[0], connect=TIMEOUT[1])
+                self._client = httpx.Client(
+                    base_url=self.base_url, headers=headers, timeout=timeout, transport=self._transport
+                )
+            return self._client
 
     def close(self) -> None:
-        self._http.close()
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
 
     def reconnect(self, base_url: str, api_key: str | None = None) -> None:
         """Point every later call at another address or key (the GUI restarted its server)."""
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        old, self.base_url = self._http, base_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=TIMEOUT)
-        old.close()
+        with self._lock:
+            old, self._client = self._client, None
+            self.base_url, self._api_key, self._transport = base_url.rstrip("/"), api_key, None
+        if old is not None:
+            old.close()
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -155,8 +179,11 @@ class ApiClient:
     # -- models, LoRA and hardware screens ---------------------------------------------
 
     UPLOAD_CHUNK = 1 << 20
+
     # imports and uploads copy and hash whole files (GBs) before answering; removing waits for requests to end
-    SLOW_TIMEOUT = httpx.Timeout(900.0, connect=5.0)
+    @staticmethod
+    def _slow() -> httpx.Timeout:
+        return httpx.Timeout(900.0, connect=5.0)
 
     def hardware_live(self) -> dict[str, Any]:
         """The machine's load now (CPU per core, RAM, the server's RSS): ``GET /v1/appliance/hardware/live``."""
@@ -171,7 +198,7 @@ class ApiClient:
     def import_model(self, path: str, model_id: str | None = None) -> dict[str, Any]:
         """Import a GGUF file lying on the server's machine; copying and hashing GBs takes minutes."""
         body = {"path": path, **({"id": model_id} if model_id else {})}
-        result: dict[str, Any] = self._request("POST", "/v1/appliance/models", json=body, timeout=self.SLOW_TIMEOUT)
+        result: dict[str, Any] = self._request("POST", "/v1/appliance/models", json=body, timeout=self._slow())
         return result
 
     def loras(self) -> list[dict[str, Any]]:
@@ -205,13 +232,13 @@ class ApiClient:
             params={"base": base, "name": name},
             content=chunks(),
             headers=headers,
-            timeout=self.SLOW_TIMEOUT,
+            timeout=self._slow(),
         )
         return result
 
     def remove_lora(self, name: str) -> dict[str, Any]:
         """Remove an adapter; the server answers once the requests still using it have ended."""
-        result: dict[str, Any] = self._request("DELETE", f"/v1/appliance/loras/{name}", timeout=self.SLOW_TIMEOUT)
+        result: dict[str, Any] = self._request("DELETE", f"/v1/appliance/loras/{name}", timeout=self._slow())
         return result
 
     # -- settings screen ----------------------------------------------------------------

@@ -21,6 +21,7 @@ from gui.client import ApiClient
 from gui.viewmodels.base import ScreenViewModel
 
 POLL_MS = 1000
+IDLE_POLL_MS = 3000  # nothing queued or running: a slower pace keeps an idle window near 0 % CPU
 HISTORY_S = 120.0  # how far back the chart reaches
 RUNNING_STATES = frozenset({"queued", "prefilling", "generating"})
 
@@ -130,7 +131,8 @@ class RequestsViewModel(ScreenViewModel):
         self.poll()
 
     def set_visible(self, visible: bool) -> None:
-        """Poll every second while the screen is shown (at once when it appears); not at all while hidden."""
+        """Poll while the screen is shown (at once when it appears; every second while requests run, every 3 s
+        otherwise); not at all while hidden."""
         if visible:
             self.poll()
             self.timer.start()
@@ -158,6 +160,8 @@ class RequestsViewModel(ScreenViewModel):
         self.cancelling &= {r.id for r in self.rows if r.running}
         self._sample()
         self.last_error = None
+        busy = any(r.running for r in self.rows) or any(m.get("active") or m.get("queued") for m in self.models)
+        self.timer.setInterval(POLL_MS if busy else IDLE_POLL_MS)
         self._settled()
 
     def _failed(self, message: str) -> None:

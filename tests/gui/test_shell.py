@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -16,7 +17,9 @@ from pytestqt.qtbot import QtBot
 
 from gui.client import ApiClient, ApiError, StreamEvent
 from gui.server_process import ManagedServer, pid_of
+from gui.viewmodels.logs import LogsViewModel
 from gui.viewmodels.playground import PlaygroundViewModel
+from gui.viewmodels.requests import RequestsViewModel
 from gui.viewmodels.server import ServerViewModel
 from gui.views.playground import PlaygroundView
 from gui.views.server import ServerView
@@ -131,7 +134,8 @@ def _port_free(url: str) -> bool:
 
 
 def test_end_to_end_start_chat_and_quit_leaves_nothing_behind(qtbot: QtBot, tmp_path: Path) -> None:
-    """The window starts its own server, chats with streaming through it, and quitting stops it within 3 s."""
+    """The window starts its own server, chats with streaming through it, sees the exchange in Requests and
+    Logs, rates and exports it; quitting stops the server within 3 s and frees its port."""
     from gui.app import MainWindow
 
     managed = ManagedServer(home=tmp_path / "home", extra_args=["--parallel", "2", "--ctx-size", "1024"])
@@ -151,6 +155,29 @@ def test_end_to_end_start_chat_and_quit_leaves_nothing_behind(qtbot: QtBot, tmp_
     qtbot.waitUntil(lambda: not playground.streaming, timeout=60_000)
     answer = playground.lanes[0].turns[-1]
     assert answer.error is None and answer.content and answer.tokens and answer.ttft_ms
+
+    # the exchange appears on the Requests screen, finished ...
+    window.nav.setCurrentRow(window.keys.index("requests"))
+    requests = window.current_vm()
+    assert isinstance(requests, RequestsViewModel)
+    qtbot.waitUntil(lambda: any(r.state == "finished" and r.completion_tokens for r in requests.rows), timeout=10_000)
+    # ... and in the Logs, where it is rated and exported
+    window.nav.setCurrentRow(window.keys.index("logs"))
+    logs = window.current_vm()
+    assert isinstance(logs, LogsViewModel)
+    qtbot.waitUntil(lambda: bool(logs.rows), timeout=10_000)
+    record_id = logs.rows[0]["id"]
+    assert "capital of France" in (logs.rows[0].get("prompt_preview") or json.dumps(logs.rows[0]))
+    logs.select(record_id)
+    qtbot.waitUntil(lambda: logs.detail is not None, timeout=10_000)
+    logs.rate(1)
+    qtbot.waitUntil(lambda: (logs.detail or {}).get("rating") == 1, timeout=10_000)
+    out = tmp_path / "chat.jsonl"
+    logs.start_export(out)
+    qtbot.waitUntil(lambda: logs.exported is not None, timeout=20_000)
+    example = json.loads(out.read_text().splitlines()[0])
+    assert example["messages"][-1]["content"] == answer.content
+
     pid = pid_of(managed)
     assert pid is not None
     started = time.monotonic()
@@ -169,3 +196,20 @@ def test_serve_never_imports_qt() -> None:
     code = "import sys, appliance.cli, appliance.bootstrap; print(any(m.startswith('PySide6') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_server_that_is_gone_is_said_in_the_window(qtbot: QtBot) -> None:
+    """Attached to an address where nothing listens: every screen says so and stays usable."""
+    from gui.app import MainWindow
+
+    window = MainWindow(ApiClient("http://127.0.0.1:1"))
+    qtbot.addWidget(window)
+    server = window.current_vm()
+    qtbot.waitUntil(lambda: server.last_error is not None, timeout=10_000)
+    assert "cannot be reached" in str(server.last_error)
+    view = window.stack.currentWidget()
+    assert isinstance(view, ServerView) and "cannot be reached" in view.message.text()
+    window.nav.setCurrentRow(window.keys.index("playground"))
+    playground = window.current_vm()
+    qtbot.waitUntil(lambda: playground.last_error is not None, timeout=10_000)
+    assert window.nav.isEnabled()
