@@ -127,9 +127,11 @@ SCREENS: list[Screen] = [
 
 
 class MainWindow(QMainWindow):
-    def __init__(self, client: ApiClient, managed: ManagedServer | None = None) -> None:
+    def __init__(self, client: ApiClient, managed: ManagedServer | None = None, *, remember: bool = False) -> None:
+        """``remember``: restore and save the window's size and last screen (the app does; tests do not)."""
         super().__init__()
         self.setWindowTitle("LLM appliance")
+        self.remember = remember
         self.client = client
         self.managed = managed
         self.ready = managed is None
@@ -163,10 +165,11 @@ class MainWindow(QMainWindow):
             managed.failed.connect(lambda reason: self.server_state.setText(f"server: {reason}"))
         self.tray = self._make_tray()
         settings = QSettings("llm-appliance", "gui")
-        geometry = settings.value("geometry")
+        geometry = settings.value("geometry") if remember else None
         if geometry is None or not self.restoreGeometry(geometry):
             self.resize(*SIZE)
-        self.nav.setCurrentRow(0)
+        last = settings.value("screen", "server") if remember else "server"
+        self.nav.setCurrentRow(self.keys.index(last) if last in self.keys else 0)
 
     def view_model(self, key: str) -> ScreenViewModel:
         """The screen's viewmodel, built now if it was not yet."""
@@ -240,7 +243,10 @@ class MainWindow(QMainWindow):
             self.hide()  # keeps serving from the tray
             event.ignore()
             return
-        QSettings("llm-appliance", "gui").setValue("geometry", self.saveGeometry())
+        if self.remember:
+            settings = QSettings("llm-appliance", "gui")
+            settings.setValue("geometry", self.saveGeometry())
+            settings.setValue("screen", self.keys[max(0, self.nav.currentRow())])
         self.stop_server()
         event.accept()
 
@@ -313,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         client, managed = ApiClient(args.connect, args.api_key), None
     else:
         client, managed = ApiClient("http://127.0.0.1:1"), ManagedServer()
-    window = MainWindow(client, managed)
+    window = MainWindow(client, managed, remember=args.screenshot is None)
     app.aboutToQuit.connect(window.stop_server)
     if managed is not None:
         managed.start()

@@ -150,6 +150,18 @@ def test_nvidia_smi_single_gpu() -> None:
     assert gpu.source == "nvidia-smi"
 
 
+def test_nvidia_smi_of_an_h200_recorded_on_the_lent_device() -> None:
+    (gpu,) = parse_nvidia_smi_xml((DATA / "nvidia" / "h200-driver-580.xml").read_text())
+    assert (gpu.name, gpu.driver_version, gpu.cuda_version, gpu.pci_bus_id) == (
+        "NVIDIA H200",
+        "580.159.04",
+        "13.0",
+        "00000000:00:06.0",
+    )
+    assert gpu.vram_total == 143_771 << 20  # NVML said 150,754,820,096 bytes on the same machine
+    assert gpu.vram_free is not None and gpu.vram_free < gpu.vram_total
+
+
 def test_nvidia_smi_two_gpus_on_an_old_driver_without_cuda_version() -> None:
     gpus = parse_nvidia_smi_xml((DATA / "nvidia" / "tesla-p100-x2-no-cuda-version.xml").read_text())
     assert [(g.index, g.vram_total, g.vram_free) for g in gpus] == [

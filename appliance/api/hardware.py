@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from appliance.api.edge import require_api_key
 from appliance.api.errors import APIError
+from appliance.hardware.nvidia import NvmlSampler
 
 router = APIRouter(prefix="/v1/appliance", dependencies=[Depends(require_api_key)])
 
@@ -44,9 +45,10 @@ class HardwareLive(BaseModel):
     ram_used: int  # bytes: total minus what is available to new programs (caches count as free)
     ram_total: int
     process_rss: int  # the server process's resident memory, in bytes
-    # null: not measured yet. GPU load needs NVML/ROCm-SMI sampling, which the probes do only once, at
-    # start-up and in a subprocess (a broken driver must not take the server down); [] will mean "no GPU".
+    # [] when the server found no NVIDIA GPU at start-up; null when the GPUs cannot be sampled (not NVIDIA:
+    # ROCm-SMI sampling is not done yet; or NVML stopped answering), with ``gpu_error`` saying why
     gpus: list[GpuLoad] | None = None
+    gpu_error: str | None = None
 
 
 class _CpuMeter:
@@ -97,6 +99,36 @@ async def hardware(request: Request) -> dict[str, Any]:
     return data
 
 
+GPU_SAMPLE_TIMEOUT_S = 2.0
+
+
+async def _gpu_load(request: Request) -> tuple[list[GpuLoad] | None, str | None]:
+    """The GPUs' load now, if the start-up report found NVIDIA GPUs (NVML answered there)."""
+    report = request.app.state.hardware
+    if report is None:
+        return None, "this server was started without a hardware report"
+    gpus = report.hardware.gpus
+    if not gpus:
+        return [], None
+    if not any(g.vendor == "nvidia" for g in gpus):
+        return None, "live GPU load is measured on NVIDIA GPUs only"
+    sampler: NvmlSampler | None = getattr(request.app.state, "gpu_sampler", None)
+    if sampler is None:
+        sampler = request.app.state.gpu_sampler = NvmlSampler()
+    if sampler.disabled:
+        return None, sampler.disabled
+    try:
+        loads = await asyncio.wait_for(asyncio.to_thread(sampler.sample), GPU_SAMPLE_TIMEOUT_S)
+    except TimeoutError:
+        sampler.disable(f"NVML did not answer within {GPU_SAMPLE_TIMEOUT_S:g} s; GPU sampling is off")
+        return None, sampler.disabled
+    except Exception as exc:  # NVMLError, a missing library: said, never a 500
+        return None, f"NVML: {exc}"
+    return [GpuLoad(**load) for load in loads], None
+
+
 @router.get("/hardware/live")
-async def hardware_live() -> HardwareLive:
-    return await asyncio.to_thread(sample_load)
+async def hardware_live(request: Request) -> HardwareLive:
+    sample = await asyncio.to_thread(sample_load)
+    gpus, why = await _gpu_load(request)
+    return sample.model_copy(update={"gpus": gpus, "gpu_error": why})

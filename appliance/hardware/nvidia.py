@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
 import xml.etree.ElementTree as ET
 from typing import Any
 
@@ -114,3 +115,51 @@ def probe_nvidia() -> tuple[list[GpuFacts], str]:
         message = (done.stdout + done.stderr).strip().splitlines()
         raise RuntimeError(f"nvidia-smi failed (exit {done.returncode}): {message[-1] if message else ''}")
     return parse_nvidia_smi_xml(done.stdout), f"nvidia-smi ({why})"
+
+
+class NvmlSampler:
+    """Live load of the NVIDIA GPUs (utilisation, VRAM used), for ``/v1/appliance/hardware/live``.
+
+    Start-up detection runs in a subprocess because a broken driver can hang; once the probe has
+    answered, NVML is known to work on this machine, so the server samples it itself. Each sample
+    still runs in a worker thread under a deadline (see the route): a call that does not answer in
+    time turns the sampler off for good instead of piling threads up on a stuck driver.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._nvml: Any = None
+        self.disabled: str | None = None
+
+    def sample(self) -> list[dict[str, Any]]:
+        """One entry per GPU: index, name, utilization_percent, vram_used, vram_total (bytes)."""
+        with self._lock:
+            if self.disabled is not None:
+                raise RuntimeError(self.disabled)
+            if self._nvml is None:
+                import pynvml
+
+                pynvml.nvmlInit()
+                self._nvml = pynvml
+            nvml = self._nvml
+            loads = []
+            for index in range(int(nvml.nvmlDeviceGetCount())):
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                try:
+                    utilization: float | None = float(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+                except nvml.NVMLError:  # MIG instances and some vGPUs do not report it
+                    utilization = None
+                loads.append(
+                    {
+                        "index": index,
+                        "name": _str(nvml.nvmlDeviceGetName(handle)),
+                        "utilization_percent": utilization,
+                        "vram_used": int(memory.used),
+                        "vram_total": int(memory.total),
+                    }
+                )
+            return loads
+
+    def disable(self, why: str) -> None:
+        self.disabled = why

@@ -12,7 +12,7 @@ from typing import Any
 import psutil
 from PySide6.QtCore import QTimer
 
-from gui.client import ApiClient
+from gui.client import ApiClient, ApiError
 from gui.server_process import ManagedServer
 from gui.viewmodels.base import ScreenViewModel
 
@@ -36,6 +36,7 @@ class ServerViewModel(ScreenViewModel):
         super().__init__(client)
         self.managed = managed
         self.health: dict[str, Any] | None = None
+        self.listening: dict[str, Any] = {}  # host, port, socket, api_key (set or not), as the server runs
         self.api_key = ""
         self.exposed = False
         self.state = "starting" if managed is not None else "connected"
@@ -88,7 +89,30 @@ class ServerViewModel(ScreenViewModel):
     def refresh(self) -> None:
         if self.busy:
             return  # one poll in flight at most
-        self.call(self.client.health, self._got_health, notify_loaded=True)
+        self.call(self._poll, self._got, notify_loaded=True)
+
+    def _poll(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The health, and once the listening settings (host, port, socket, key) the server runs with."""
+        health = self.client.health()
+        if self.listening:
+            return health, None
+        try:
+            report = self.client.settings()
+        except ApiError:  # an older server, or one whose home is unknown: the address is all there is
+            return health, {}
+        running = {s["name"]: s for s in report.get("settings", [])}
+        return health, {
+            "host": running.get("host", {}).get("value"),
+            "port": running.get("port", {}).get("value"),
+            "socket": running.get("socket", {}).get("value"),
+            "api_key": running.get("api_key", {}).get("is_set"),
+        }
+
+    def _got(self, result: tuple[dict[str, Any], dict[str, Any] | None]) -> None:
+        health, listening = result
+        if listening is not None:
+            self.listening = listening
+        self._got_health(health)
 
     def _got_health(self, health: dict[str, Any]) -> None:
         self.health = health
@@ -99,6 +123,7 @@ class ServerViewModel(ScreenViewModel):
 
     def _ready(self, url: str) -> None:
         self.client.reconnect(url, self.api_key if self.exposed else None)
+        self.listening = {}
         self.state = "running"
         self.changed.emit()
         self.refresh()

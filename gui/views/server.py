@@ -48,6 +48,12 @@ class ServerView(QWidget):
         form.addRow("State", self.state)
         form.addRow("Address", self.url)
         form.addRow("On the network", self.lan)
+        self.socket = QLabel()
+        self.socket.setAccessibleName("Unix socket")
+        form.addRow("Unix socket", self.socket)
+        self.key_state = QLabel()
+        self.key_state.setAccessibleName("API key state")
+        form.addRow("API key", self.key_state)
         form.addRow("Load", self.load)
         form.addRow(controls)
 
@@ -132,6 +138,11 @@ class ServerView(QWidget):
         self.state.setText(vm.state)
         self.url.setText(vm.url)
         self.lan.setText(vm.lan_url or "not exposed (loopback only)")
+        listening = vm.listening
+        self.socket.setText(str(listening.get("socket") or "none (set one in Settings: socket)"))
+        self.key_state.setText(
+            "required" if listening.get("api_key") else "not required (loopback only)" if listening else "-"
+        )
         models = (vm.health or {}).get("models", [])
         self.load.setText(
             "; ".join(f"{m['model']}: {m['active']}/{m['slots']} slots busy, {m['queued']} waiting" for m in models)

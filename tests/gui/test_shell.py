@@ -44,6 +44,11 @@ class FakeClient:
     def reconnect(self, base_url: str, api_key: str | None = None) -> None:
         self.base_url = base_url
 
+    def settings(self) -> dict[str, Any]:
+        values = {"host": "127.0.0.1", "port": 9999, "socket": "/run/appliance.sock"}
+        rows = [{"name": k, "value": v, "is_set": True} for k, v in values.items()]
+        return {"settings": [*rows, {"name": "api_key", "value": None, "is_set": False}]}
+
     def stream_chat(self, body: dict[str, Any], cancel: threading.Event | None = None) -> Iterator[StreamEvent]:
         self.bodies.append(body)
         for word in ("Hello", " there", "!"):
@@ -120,6 +125,7 @@ def test_server_screen_refuses_the_lan_without_a_key(qtbot: QtBot) -> None:
     with qtbot.waitSignal(vm.loaded):
         vm.refresh()
     assert "0/8" not in view.load.text() and "1/8 slots busy" in view.load.text()
+    assert view.socket.text() == "/run/appliance.sock" and view.key_state.text().startswith("not required")
     assert "curl http://127.0.0.1:9999/v1/chat/completions" in view.snippet_boxes["curl"].toPlainText()
     assert 'base_url="http://127.0.0.1:9999/v1"' in view.snippet_boxes["python"].toPlainText()
     assert not vm.set_exposed(True)
@@ -213,3 +219,59 @@ def test_a_server_that_is_gone_is_said_in_the_window(qtbot: QtBot) -> None:
     playground = window.current_vm()
     qtbot.waitUntil(lambda: playground.last_error is not None, timeout=10_000)
     assert window.nav.isEnabled()
+
+
+def test_a_wrong_api_key_is_said_in_the_window(qtbot: QtBot, start_server: Any) -> None:
+    """Attached with --connect and a wrong key: the screens say the key is wrong, and the window stays usable."""
+    from gui.app import MainWindow
+
+    server = start_server("--api-key", "right-key-1234", "--parallel", "1", "--ctx-size", "512")
+    window = MainWindow(ApiClient(server.base_url, "wrong-key-1234"))
+    qtbot.addWidget(window)
+    window.nav.setCurrentRow(window.keys.index("playground"))
+    playground = window.current_vm()
+    qtbot.waitUntil(lambda: playground.last_error is not None, timeout=10_000)
+    assert "Incorrect API key" in str(playground.last_error)
+    view = window.stack.currentWidget()
+    assert isinstance(view, PlaygroundView) and "Incorrect API key" in view.status.text()
+    window.nav.setCurrentRow(window.keys.index("server"))
+    health = window.current_vm()
+    qtbot.waitUntil(lambda: isinstance(health, ServerViewModel) and health.health is not None, timeout=10_000)
+
+
+def test_the_window_remembers_its_size_and_screen(qtbot: QtBot, tmp_path: Path) -> None:
+    from PySide6.QtCore import QSettings
+
+    from gui.app import MainWindow
+
+    QSettings.setPath(QSettings.Format.NativeFormat, QSettings.Scope.UserScope, str(tmp_path))
+    first = MainWindow(ApiClient("http://127.0.0.1:1"), remember=True)
+    qtbot.addWidget(first)
+    first.resize(700, 500)
+    first.nav.setCurrentRow(first.keys.index("hardware"))
+    first.quitting = True
+    first.close()
+    second = MainWindow(ApiClient("http://127.0.0.1:1"), remember=True)
+    qtbot.addWidget(second)
+    assert second.keys[second.nav.currentRow()] == "hardware"
+    assert (second.width(), second.height()) == (700, 500)
+
+
+def test_closing_keeps_serving_from_the_tray_and_quit_stops(qtbot: QtBot) -> None:
+    """Where a tray exists, closing the window hides it (the server it started keeps running); Quit stops it."""
+    from gui.app import MainWindow
+
+    class Managed(ManagedServer):
+        stops = 0
+
+        def stop(self) -> None:
+            Managed.stops += 1
+
+    window = MainWindow(ApiClient("http://127.0.0.1:1"), Managed())
+    qtbot.addWidget(window)
+    window.tray = object()  # type: ignore[assignment]  # offscreen has no tray: stand in for one
+    window.show()
+    window.close()
+    assert not window.isVisible() and Managed.stops == 0
+    window.quit()
+    assert Managed.stops >= 1
