@@ -22,6 +22,7 @@ from appliance.config import Paths, Settings
 from appliance.requestlog.record import ExchangeRecord
 from appliance.scheduler import RequestSnapshot, Scheduler
 from tests.conftest import DEFAULT_MODEL
+from tests.test_api_errors import chat
 
 ROUTE = "/v1/appliance/requests"
 LONG = {"model": DEFAULT_MODEL, "prompt": "1, 2, 3, 4,", "max_tokens": 300, "temperature": 0, "stream": True}
@@ -161,17 +162,6 @@ def test_a_queued_request_can_be_cancelled(http: TestClient) -> None:
             assert http.delete(f"{ROUTE}/{resp.headers['x-request-id']}").status_code == 200
     [done] = [r for r in listing(http)["finished"] if r["id"] == queued_id]
     assert done["status"] == "cancelled" and done["started_at"] is None and done["ttft_ms"] is None
-
-
-def chat(**overrides: object) -> dict[str, object]:
-    body: dict[str, object] = {
-        "model": DEFAULT_MODEL,
-        "messages": [{"role": "user", "content": "Hi"}],
-        "max_tokens": 4,
-        "temperature": 0,
-    }
-    body.update(overrides)
-    return body
 
 
 def test_a_finished_request_is_listed_and_cannot_be_cancelled(http: TestClient) -> None:

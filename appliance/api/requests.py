@@ -26,7 +26,7 @@ from appliance.api.errors import APIError
 from appliance.api.protocol import ErrorResponse
 from appliance.api.recording import client_identity
 from appliance.generation import FinishReason
-from appliance.scheduler import FINISHED_KEPT, RequestSnapshot, Scheduler, submitted_by
+from appliance.scheduler import FINISHED_KEPT, RequestSnapshot, RunnerStats, Scheduler, submitted_by
 
 router = APIRouter(prefix="/v1/appliance/requests", dependencies=[Depends(require_api_key)])
 
@@ -76,31 +76,12 @@ class RequestInfo(BaseModel):
     tokens_per_second: float | None = Field(description="Decode speed: tokens after the first, per second.")
 
 
-class ModelLoad(BaseModel):
-    """One loaded model's load and counters, as in ``/health``."""
-
-    model: str
-    slots: int
-    active: int
-    queued: int
-    requests_total: int
-    rejected_total: int
-    timeouts_total: int
-    prompt_tokens_total: int
-    cached_prompt_tokens_total: int
-    cache_hits_total: int
-    completion_tokens_total: int
-    draft_tokens_total: int
-    draft_accepted_total: int
-    tokens_per_second: float = Field(description="Generated tokens per second over the last 10 s.")
-
-
 class RequestList(BaseModel):
     object: Literal["list"] = "list"
     created: float = Field(description="Unix time of this snapshot.")
     data: list[RequestInfo] = Field(description="Queued and running requests, first come first.")
     finished: list[RequestInfo] = Field(description="The last finished requests, newest first.")
-    models: list[ModelLoad]
+    models: list[RunnerStats] = Field(description="Each loaded model's load and counters, as in /health.")
 
 
 class CancelledRequest(BaseModel):
@@ -164,7 +145,7 @@ async def list_requests(
         created=now,
         data=[request_info(s, now) for s in live],
         finished=[request_info(s, now) for s in done[:finished]],
-        models=[ModelLoad(**vars(s)) for s in scheduler.stats()],
+        models=scheduler.stats(),
     )
 
 
