@@ -13,31 +13,50 @@ import socket
 import stat
 import sys
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from appliance.api.app import create_app
 from appliance.config import Paths, Settings
 from appliance.hardware.detect import detect
 from appliance.hardware.facts import HardwareFacts
 from appliance.hardware.planner import ModelPlan, ModelRequest, Overrides, plan_models
 from appliance.hardware.report import HardwareReport, build_report, hardware_summary
-from appliance.httpserver import make_server
-from appliance.lora.store import AdapterStore
-from appliance.lora.sync import AdapterSync
-from appliance.modelstore import ModelFileError, verify_model_file
+from appliance.modelstore import ModelFileError
 from appliance.registry import ModelSpec, Registry, RegistryError, load_registry
-from appliance.requestlog.redact import Redactor
-from appliance.requestlog.schema import LogDatabaseError, connect
-from appliance.requestlog.writer import DisabledLog, LogWriter, Retention
-from appliance.scheduler import ModelRunner, RunnerConfig, Scheduler
 from engines.base import Engine, LoadOptions, ModelLoadError, SamplingParams
-from engines.gguf import GgufEngine
 from engines.ggufmeta import model_shape
+
+if TYPE_CHECKING:
+    from appliance.lora.sync import AdapterSync
+    from appliance.requestlog.writer import DisabledLog, LogWriter
+    from appliance.scheduler import ModelRunner, Scheduler
+
+# What only serving needs (the scheduler, the engines' runtimes, the request log, the HTTP stack)
+# is imported by the function that builds it: start-up then plans and starts loading the model
+# sooner, and the rest is imported while the model loads (see serve).
 
 log = logging.getLogger("appliance")
 
-ENGINES: dict[str, type[Engine]] = {"gguf": GgufEngine}
+
+def prepare_engines(settings: Settings) -> None:
+    """Import the scheduler and initialise the GGUF runtime, ahead of the plan that needs neither.
+
+    A runtime that fails here fails again when its model loads, which reports why.
+    """
+    import appliance.scheduler  # noqa: F401 (imported now rather than on the loading path)
+
+    with contextlib.suppress(ImportError, OSError, AttributeError, ModelLoadError):
+        engine_class("gguf")().prepare()
+
+
+def engine_class(name: str) -> type[Engine]:
+    """The engine that loads models of this format (models.toml's ``engine``)."""
+    if name == "gguf":
+        from engines.gguf import GgufEngine
+
+        return GgufEngine
+    raise StartupError(f"no engine '{name}' in this build; known: gguf")
 
 
 class StartupError(Exception):
@@ -58,6 +77,9 @@ def sampling_defaults(spec: ModelSpec) -> SamplingParams:
 
 def load_runner(spec: ModelSpec, settings: Settings, paths: Paths, plan: ModelPlan) -> ModelRunner:
     """Load one model as its plan says."""
+    from appliance.modelstore import verify_model_file
+    from appliance.scheduler import ModelRunner, RunnerConfig
+
     path = verify_model_file(paths, spec, check_sha256=settings.verify_sha256, progress=sys.stderr.isatty())
     options = LoadOptions(
         n_ctx_per_slot=plan.ctx_size.value,
@@ -72,7 +94,7 @@ def load_runner(spec: ModelSpec, settings: Settings, paths: Paths, plan: ModelPl
         chat_template_override=spec.chat_template,
         flash_attn=settings.flash_attn,
     )
-    model = ENGINES[spec.engine]().load(path, options)
+    model = engine_class(spec.engine)().load(path, options)
     config = RunnerConfig(
         n_batch=plan.batch_size.value,
         max_queue=settings.max_queue,
@@ -168,6 +190,8 @@ def build_scheduler(
     """Load every planned model (detecting the hardware and planning first if not done)."""
     if planned is None:
         planned = plan_serving(settings, paths, registry or load_registry(paths), detect(settings.probe_timeout))
+    from appliance.scheduler import Scheduler
+
     scheduler = Scheduler()
     try:
         for spec, plan in planned:
@@ -188,7 +212,7 @@ def detect_and_plan(
     settings: Settings, paths: Paths, sources: Mapping[str, str] | None = None
 ) -> tuple[list[tuple[ModelSpec, ModelPlan]], HardwareReport]:
     """Probe the machine, plan the models, and say so in the log: one line each, and every warning."""
-    hardware = detect(settings.probe_timeout)
+    hardware = detect(settings.probe_timeout, cache_file=paths.cache_dir / "engines-probe.json")
     hide_gpus_if_engine_hung(hardware)
     try:
         registry = load_registry(paths)
@@ -207,6 +231,10 @@ def detect_and_plan(
 
 def build_request_log(settings: Settings, paths: Paths) -> LogWriter | DisabledLog:
     """The request log writer, or its stand-in with --no-log; says at start-up which it is."""
+    from appliance.requestlog.redact import Redactor
+    from appliance.requestlog.schema import LogDatabaseError, connect
+    from appliance.requestlog.writer import DisabledLog, LogWriter, Retention
+
     if not settings.log_requests:
         log.info("request log: off (--no-log)")
         return DisabledLog()
@@ -238,6 +266,9 @@ def base_resolver(paths: Paths) -> Callable[[str], tuple[str, Path]]:
 
 def build_adapters(scheduler: Scheduler, paths: Paths) -> AdapterSync:
     """The stored LoRA adapters, loaded on the models being served, and kept in step with the store."""
+    from appliance.lora.store import AdapterStore
+    from appliance.lora.sync import AdapterSync
+
     sync = AdapterSync(AdapterStore(paths), scheduler, base_resolver(paths))
     sync.start()
     loaded = [m for m, _, _ in scheduler.adapter_models()]
@@ -323,10 +354,22 @@ def serve(settings: Settings, paths: Paths, sources: Mapping[str, str] | None = 
         if settings.socket:
             unix = UnixListener(settings.socket)
             sockets.append(unix.sock)
-        planned, hardware = detect_and_plan(settings, paths, sources)
-        scheduler = build_scheduler(settings, paths, planned=planned)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load") as pool:
+            # Start-up overlaps its parts: the engine runtime is imported and initialised while
+            # the hardware is probed and the models planned, then the models load (native code:
+            # the GIL is released) while this thread imports the HTTP stack and opens the request
+            # log. On two cores the start then takes about the longest part, not their sum.
+            pool.submit(prepare_engines, settings)
+            planned, hardware = detect_and_plan(settings, paths, sources)
+            loading = pool.submit(build_scheduler, settings, paths, planned=planned)
+            try:
+                from appliance.api.app import create_app
+                from appliance.httpserver import make_server
+
+                request_log = build_request_log(settings, paths)
+            finally:
+                scheduler = loading.result()  # a load error wins: it is the one to report
         adapters = build_adapters(scheduler, paths)
-        request_log = build_request_log(settings, paths)
         app = create_app(scheduler, settings, request_log, adapters, hardware, paths=paths, sources=sources)
         server = make_server(
             app,

@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--id", dest="model_id", help="model id (default: from the file name)")
     doctor = sub.add_parser("doctor", help="what hardware is here, and what each model will run on and why")
     doctor.add_argument("--json", action="store_true", help="machine-readable output (as /v1/appliance/hardware)")
+    doctor.add_argument(
+        "--onnx-model",
+        type=Path,
+        metavar="FILE",
+        help="instead: run this .onnx file once through onnxruntime on inputs of ones, to check the runtime works here",
+    )
     _plan_args(doctor)
     logs_cli.add_parser(sub)
     lora_cli.add_parser(sub)
@@ -176,6 +182,10 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     from appliance.bootstrap import StartupError
     from appliance.doctor import run_doctor
 
+    if args.onnx_model is not None:
+        from appliance.doctor import run_onnx_check
+
+        return run_onnx_check(args.onnx_model, as_json=args.json)
     paths = app_paths()
     settings, sources = _settings(args, paths)
     try:

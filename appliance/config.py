@@ -181,6 +181,11 @@ class Paths:
         return self.home / "loras"
 
     @property
+    def cache_dir(self) -> Path:
+        """What can be recomputed: safe to delete at any time (the engines probe's last answer)."""
+        return self.home / "cache"
+
+    @property
     def verified_file(self) -> Path:
         return self.home / "verified.json"
 
@@ -190,8 +195,12 @@ def app_paths() -> Paths:
     return Paths(Path(home).expanduser() if home else Path(user_data_dir("appliance", appauthor=False)))
 
 
-# APPLIANCE_* variables that are read elsewhere and are not settings: no "unknown variable" warning
-NON_SETTING_ENV = frozenset({ENV_PREFIX + "HOME"})
+# APPLIANCE_* variables that are read elsewhere and are not settings: no "unknown variable" warning.
+# CPU_VARIANT: engines.cpu_backends; the others are the single executable's launcher's
+# (packaging/launcher): set by it for the program, or read by it before the program starts.
+NON_SETTING_ENV = frozenset(
+    ENV_PREFIX + name for name in ("HOME", "CPU_VARIANT", "EXECUTABLE", "UNPACKED", "UNPACK_DIR", "LAUNCHER_VERBOSE")
+)
 SERVER_TABLE = "server"
 _LIST_FIELDS = ("models", "allowed_hosts", "allowed_origins")  # comma-separated in the environment
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")

@@ -9,8 +9,11 @@ found. The exit status is 1 when a model cannot be served as asked, so scripts c
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 from appliance.bootstrap import StartupError, model_request, plan_serving
 from appliance.config import Paths, Settings
@@ -18,6 +21,7 @@ from appliance.hardware.detect import detect
 from appliance.hardware.planner import plan_models
 from appliance.hardware.report import build_report, render_text
 from appliance.registry import RegistryError, load_registry
+from engines.base import ModelLoadError
 
 
 def run_doctor(
@@ -42,3 +46,22 @@ def run_doctor(
     else:
         print(render_text(report, registry.default_model))
     return 1 if any(plan.error for plan in plans) else 0
+
+
+def run_onnx_check(path: Path, *, as_json: bool) -> int:
+    """``appliance doctor --onnx-model FILE``: one inference through onnxruntime; 1 when it fails."""
+    from engines.onnx import check_model
+
+    try:
+        check = check_model(path)
+    except ModelLoadError as exc:
+        print(f"appliance: error: {exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(dataclasses.asdict(check), indent=2))
+        return 0
+    shapes = ", ".join(f"{t.name} {list(t.shape)}" for t in check.outputs)
+    values = ", ".join(f"{v:.6g}" for v in check.first_values)
+    print(f"{check.path}: ran on {check.provider} (load {check.load_ms} ms, run {check.run_ms} ms)")
+    print(f"  outputs: {shapes}" + (f"; first values: {values}" if values else ""))
+    return 0

@@ -162,6 +162,7 @@ class EngineCapabilities:
     devices: tuple[BackendDevice, ...] = ()
     providers: tuple[str, ...] = ()  # onnxruntime execution providers
     build_info: str = ""  # e.g. llama.cpp's system info line (CPU features it was built for)
+    cpu_variant: str = ""  # llama.cpp's CPU code: "built in" (pip's native build) or the variant loaded
     detail: str = ""  # why it is not installed or not usable
 
 
@@ -256,5 +257,9 @@ class Engine(Protocol):
     """Loads model files of one format (``gguf``, later ``onnx``)."""
 
     name: str
+
+    def prepare(self) -> None:
+        """Import and initialise the runtime (no model yet): start-up does it while it plans."""
+        ...
 
     def load(self, path: Path, options: LoadOptions) -> LoadedModel: ...

@@ -30,6 +30,7 @@ from engines.base import (
     SamplingParams,
 )
 from engines.chat_template import ChatTemplate
+from engines.cpu_backends import BUILT_IN, BackendSelection, CpuBackendError, load_backends
 
 log = logging.getLogger(__name__)
 native_log = logging.getLogger("engines.llama_cpp.native")
@@ -39,6 +40,8 @@ _RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp picks a random seed
 _backend_lock = threading.Lock()
 _backend_ready = False
 _log_callback: Any = None  # the ctypes callback must outlive every native call
+_backends: BackendSelection | None = None  # what was loaded, for the hardware report
+_libggml: Any = None
 
 
 def check_gguf_file(path: Path) -> None:
@@ -58,8 +61,9 @@ def check_gguf_file(path: Path) -> None:
 
 def _llama() -> Any:
     """Import llama_cpp once, initialise the backend and route its logging to ``logging``."""
-    global _backend_ready, _log_callback
+    global _backend_ready, _log_callback, _backends, _libggml
     import llama_cpp
+    from llama_cpp._ctypes_extensions import load_shared_library
 
     with _backend_lock:
         if not _backend_ready:
@@ -72,6 +76,15 @@ def _llama() -> Any:
                     native_log.log(levels.get(level, logging.DEBUG), "%s", message)
 
             _log_callback = _on_log
+            llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            # the libggml beside the libllama in use (LLAMA_CPP_LIB_PATH moves both; llama_cpp._ggml
+            # would open the package's own), and its backends before backend init, which would
+            # search the working directory for them itself
+            lib_dir = Path(llama_cpp.llama_cpp._base_path)
+            _libggml = load_shared_library("ggml", lib_dir)
+            _backends = load_backends(_libggml, lib_dir)
+            if _backends.cpu_variant != BUILT_IN:
+                log.info("llama.cpp CPU code: %s (usable here: %s)", _backends.cpu_variant, ", ".join(_backends.usable))
             llama_cpp.llama_backend_init()
             # after backend init: initialising the backend installs its own default logger
             llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
@@ -102,8 +115,7 @@ def _ggml() -> Any:
     global _ggml_lib
     _llama()
     if _ggml_lib is None:
-        from llama_cpp._ggml import libggml as lib
-
+        lib = _libggml
         p = ctypes.c_void_p
         lib.ggml_backend_dev_count.restype = ctypes.c_size_t
         lib.ggml_backend_dev_get.argtypes, lib.ggml_backend_dev_get.restype = [ctypes.c_size_t], p
@@ -131,7 +143,7 @@ def capabilities() -> EngineCapabilities:
     try:
         lib = _llama()
         ggml = _ggml()
-    except (ImportError, OSError, AttributeError) as exc:
+    except (ImportError, OSError, AttributeError, CpuBackendError) as exc:
         return EngineCapabilities("gguf", "llama-cpp-python", installed=False, detail=f"{type(exc).__name__}: {exc}")
     devices = []
     for i in range(ggml.ggml_backend_dev_count()):
@@ -160,6 +172,7 @@ def capabilities() -> EngineCapabilities:
         backends=tuple(backends),
         devices=tuple(devices),
         build_info=_text(lib.llama_print_system_info()).strip(" |"),
+        cpu_variant=_backends.cpu_variant if _backends else "",
     )
 
 
@@ -511,6 +524,9 @@ class GgufEngine:
     """The ``gguf`` engine: loads GGUF files with llama.cpp."""
 
     name = "gguf"
+
+    def prepare(self) -> None:
+        _llama()
 
     def load(self, path: Path, options: LoadOptions) -> GgufModel:
         return GgufModel(path, options)

@@ -63,7 +63,8 @@ def engine_line(caps: EngineCapabilities) -> str:
         return f"{caps.engine}: {caps.runtime}; providers {', '.join(caps.providers)}"
     devices = ", ".join(f"{d.name} ({d.description})" for d in caps.devices) or "none"
     offload = "GPU offload" if caps.gpu_offload else "CPU only, no GPU offload in this build"
-    return f"{caps.engine}: llama.cpp via {caps.runtime}; {offload}; devices: {devices}"
+    cpu_code = f"; CPU code: {caps.cpu_variant}" if caps.cpu_variant else ""
+    return f"{caps.engine}: llama.cpp via {caps.runtime}; {offload}; devices: {devices}{cpu_code}"
 
 
 def hardware_summary(hw: HardwareFacts) -> str:

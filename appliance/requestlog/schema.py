@@ -13,8 +13,10 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sqlite_utils import Database
+if TYPE_CHECKING:  # imported where a database is opened: the CLI starts faster without it
+    from sqlite_utils import Database
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: exchanges and their feedback
@@ -83,6 +85,8 @@ def _create_private(path: Path) -> None:
 
 
 def connect(path: Path) -> Database:
+    from sqlite_utils import Database
+
     """Open (creating if needed) the log database in WAL mode, migrated to the current schema."""
     if not path.exists():
         _create_private(path)

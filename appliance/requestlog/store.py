@@ -13,11 +13,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
-
-from sqlite_utils import Database
+from typing import TYPE_CHECKING, Any
 
 from appliance.requestlog.schema import connect, write
+
+if TYPE_CHECKING:
+    from sqlite_utils import Database
 
 STATUSES = ("ok", "client_error", "cancelled", "server_error")
 BASE_QUERY = "FROM exchanges e LEFT JOIN feedback f ON f.exchange_id = e.id"

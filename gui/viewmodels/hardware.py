@@ -127,7 +127,8 @@ def _engine_fact(engine: dict[str, Any]) -> Fact:
         return Fact(name, engine.get("runtime", ""), reason="providers " + ", ".join(engine["providers"]))
     devices = ", ".join(f"{d.get('name')} ({d.get('description')})" for d in engine.get("devices", ())) or "none"
     offload = "GPU offload" if engine.get("gpu_offload") else "CPU only: no GPU offload in this build"
-    return Fact(name, f"{engine.get('runtime', '')}; {offload}", reason=f"devices: {devices}")
+    cpu_code = f"; CPU code: {engine['cpu_variant']}" if engine.get("cpu_variant") else ""
+    return Fact(name, f"{engine.get('runtime', '')}; {offload}", reason=f"devices: {devices}{cpu_code}")
 
 
 def _probe_fact(probe: dict[str, Any]) -> Fact:
