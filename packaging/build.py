@@ -151,8 +151,21 @@ def build_llama(version: str, cache: Path, jobs: int, cuda: bool) -> Path:
         _one_library(tree_a / "bin", stem, lib)
     for variant in VARIANTS:
         shutil.copy2(tree_b / "bin" / f"libggml-cpu-{variant}.so", lib)
+    if cuda:
+        copy_cuda_runtime(lib / "libggml-cuda.so", lib)
     (lib / ".complete").write_text(key)
     return lib
+
+
+def copy_cuda_runtime(backend: Path, lib: Path) -> None:
+    """The CUDA toolkit's libraries that ggml's CUDA backend links (cudart, cublas, cublasLt), beside it:
+    the target needs only the NVIDIA driver. libcuda itself is the driver's and is never carried."""
+    out = subprocess.run(["ldd", str(backend)], capture_output=True, text=True, check=False).stdout
+    for line in out.splitlines():
+        name, _, rest = line.strip().partition(" => ")
+        path = Path(rest.split(" (")[0]) if rest else None
+        if path and path.is_file() and name.startswith(("libcudart", "libcublas")):
+            shutil.copy2(path.resolve(), lib / name)
 
 
 def _one_library(bin_dir: Path, stem: str, lib: Path) -> None:

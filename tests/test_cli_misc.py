@@ -266,3 +266,36 @@ def test_an_existing_adapter_name_is_not_told_to_use_a_flag(
     assert str(err.value) == (
         "an adapter named 'bot' already exists on this server; remove it first or choose another name"
     )
+
+
+def test_doctor_runs_an_onnx_file_through_onnxruntime(capsys: pytest.CaptureFixture[str]) -> None:
+    """``doctor --onnx-model``: one inference on inputs of ones (onnxruntime's own sigmoid test model)."""
+    import importlib.util
+    import json
+
+    from appliance.cli import main
+
+    spec = importlib.util.find_spec("onnxruntime")
+    assert spec and spec.submodule_search_locations
+    model = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "sigmoid.onnx"
+    assert main(["doctor", "--onnx-model", str(model), "--json"]) == 0
+    check = json.loads(capsys.readouterr().out)
+    assert check["provider"] == "CPUExecutionProvider"  # never the remote Azure provider
+    assert check["outputs"] == [{"name": "y", "type": "tensor(float)", "shape": [3, 4, 5]}]
+    assert check["first_values"][0] == pytest.approx(0.7310586)
+    assert main(["doctor", "--onnx-model", str(model)]) == 0
+    assert "ran on CPUExecutionProvider" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("content", "message"), [(None, "does not exist"), (b"not a model", "cannot load it")])
+def test_doctor_says_why_an_onnx_file_cannot_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes | None, message: str
+) -> None:
+    from appliance.cli import main
+
+    model = tmp_path / "model.onnx"
+    if content is not None:
+        model.write_bytes(content)
+    assert main(["doctor", "--onnx-model", str(model)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("appliance: error: cannot load model file") and message in err

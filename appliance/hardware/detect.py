@@ -163,10 +163,10 @@ def detect(
                 runnable[name] = probe_command(name)
             else:
                 probes.append(ProbeOutcome(name=name, status="skipped", detail=reason))
-        if sys.platform.startswith("linux"):
-            known["cpu"] = _in_process("cpu")
+        if sys.platform.startswith("linux") and "cpu" in runnable:
             del runnable["cpu"]
-        if not runnable.keys() & GPU_PROBES:
+            known["cpu"] = _in_process("cpu")
+        if "engines" in runnable and not runnable.keys() & GPU_PROBES:
             # No GPU driver: nothing the engines probe touches can hang or crash, so it needs no
             # process of its own, and its answer can be remembered (probecache).
             del runnable["engines"]
