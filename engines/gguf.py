@@ -200,10 +200,22 @@ def _exact_chunk(flash_attn: bool) -> int:
     return 64 if flash_attn else 2
 
 
+# llama.cpp's file types (``general.file_type``), as the gguf package names them: looked up here
+# because importing that package costs 0.1 s of every start; it is asked only for a newer type
+_FILE_TYPES = {
+    0: "ALL_F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
+    12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS",
+    20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M",
+    28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4_MOE",
+}  # fmt: skip
+
+
 def _quantization(file_type: str | None) -> str | None:
     """The name of llama.cpp's ``general.file_type`` (e.g. ``MOSTLY_Q4_1`` -> ``Q4_1``)."""
     if file_type is None or not file_type.isdigit():
         return None
+    if int(file_type) in _FILE_TYPES:
+        return _FILE_TYPES[int(file_type)]
     from gguf import LlamaFileType
 
     try:
