@@ -83,6 +83,14 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         metavar="ORIGIN",
         help="let web pages of this origin (https://app.example.com, or *) call the API (repeatable)",
     )
+    p.add_argument(
+        "--cors-origins",
+        action="extend",
+        dest="allowed_origins",
+        type=lambda value: [o.strip() for o in value.split(",") if o.strip()],
+        metavar="ORIGINS",
+        help="the same, comma-separated: browser apps on these origins may call the API (CORS; default none)",
+    )
     _plan_args(p)
     p.add_argument("--max-queue", type=int, help="requests that may wait for a slot before 503 (default 64)")
     p.add_argument("--queue-timeout", type=float, help="seconds a request may wait for a slot (default 60)")

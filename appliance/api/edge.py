@@ -16,6 +16,8 @@ A pure ASGI middleware, so it acts before anything buffers or parses the body:
   ``appliance.api.server``).
 - **Shape**: a JSON body nested deeper than ``bodycheck.MAX_DEPTH`` or holding a lone surrogate
   gets 400 before any parser sees it.
+- **CORS**: a page of an allowed origin gets the headers a browser needs, and its preflight is
+  answered (``cors.py``).
 - **Request id**: generated here; a route that answers with its own id (``chatcmpl-...``) stores
   it in ``request.state.response_id`` and ``X-Request-Id`` carries exactly the id the client sees
   in the body (the request log keys on it).
@@ -40,7 +42,7 @@ from fastapi import Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from appliance.api import bodycheck
+from appliance.api import bodycheck, cors
 from appliance.api.errors import APIError, error_body
 
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -121,11 +123,20 @@ class EdgeMiddleware:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
         try:
             self._check_caller(scope, headers)
+            origin = headers.get("origin")
+            listed = origin is not None and self._origin_listed(origin)
+            if listed and cors.is_preflight(scope["method"], headers):
+                assert origin is not None
+                await cors.answer_preflight(send, origin, self.allowed_origins, headers)
+                return
             receive = await self._checked_body(scope, headers, receive)
         except EdgeRefusedError as refusal:
             self.refusals[refusal.code] += 1
             await _refuse(send, rid, refusal, close=refusal.status in (408, 413))
             return
+        if listed:
+            assert origin is not None
+            send = cors.with_cors(send, origin, self.allowed_origins)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -171,12 +182,16 @@ class EdgeMiddleware:
         name = _host_name(host)
         return is_loopback_name(name) or name in self.policy.allowed_hosts or "*" in self.policy.allowed_hosts
 
+    def _origin_listed(self, origin: str) -> bool:
+        """Allowed by name (not only as the same origin): such a page gets CORS headers."""
+        return "*" in self.allowed_origins or _origin(origin) in self.allowed_origins
+
     def _origin_allowed(self, origin: str, host: str | None, scope: Scope) -> bool:
-        normal = _origin(origin)
-        if "*" in self.allowed_origins or normal in self.allowed_origins:
+        if self._origin_listed(origin):
             return True
         # same origin: a page this server itself would serve (none today; a future web UI)
         scheme = scope.get("scheme", "http")
+        normal = _origin(origin)
         return host is not None and normal != "null" and normal == _origin(f"{scheme}://{host}")
 
     # -- the body -------------------------------------------------------------------------
