@@ -191,10 +191,12 @@ def test_every_irregular_flag_name_is_the_parsers() -> None:
         for a in parser._actions
         if isinstance(a, argparse._SubParsersAction)  # argparse has no public way to its subparsers
     ).choices["serve"]
+    spellings: dict[str, set[str]] = {}  # a setting may have two flags (--allowed-origin, --cors-origins)
     for action in serve._actions:
         if action.dest in Settings.model_fields:
-            flag = cli.FLAGS.get(action.dest, "--" + action.dest.replace("_", "-"))
-            assert flag in action.option_strings, action.dest
+            spellings.setdefault(action.dest, set()).update(action.option_strings)
+    for dest, flags in spellings.items():
+        assert cli.FLAGS.get(dest, "--" + dest.replace("_", "-")) in flags, dest
 
 
 # --- configuration mistakes on the command line ---------------------------------------------------------------
