@@ -191,3 +191,81 @@ def test_api_key_enforced(scheduler: Scheduler) -> None:
         ok = client.get("/v1/models", headers={"Authorization": "Bearer s3cret-key-1"})
         assert ok.status_code == 200
         assert client.get("/health").status_code == 200  # liveness stays public
+
+
+# -- parameters that are not honoured are refused by name (issue 16) --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "param", "code"),
+    [
+        ({"frobnicate": True}, "frobnicate", "unknown_parameter"),
+        ({"reasoning_effort": "high"}, "reasoning_effort", "unknown_parameter"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "unsupported_parameter"),
+        ({"modalities": ["text", "audio"]}, "modalities", "unsupported_parameter"),
+        ({"top_logprobs": 3}, "top_logprobs", None),
+        ({"logprobs": True, "top_logprobs": 3}, "logprobs", "unsupported_parameter"),
+        ({"parallel_tool_calls": False}, "parallel_tool_calls", None),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages.0.content.0.type",
+            "unsupported_parameter",
+        ),
+        ({"messages": [{"role": "user", "content": None}]}, "messages.0.content", None),
+        (
+            {"messages": [{"role": "system", "content": None}, {"role": "user", "content": "x"}]},
+            "messages.0.content",
+            None,
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "weather?"},
+                    {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
+                    {"role": "user", "content": "and?"},
+                ]
+            },
+            "messages.1.tool_calls",
+            "unsupported_parameter",
+        ),
+        ({"messages": [{"role": "user", "content": "x", "weight": 2}]}, "messages.0.weight", "unknown_parameter"),
+    ],
+)
+def test_parameters_not_honoured_are_refused_by_name(
+    http: TestClient, overrides: dict[str, object], param: str, code: str | None
+) -> None:
+    err = assert_error(http.post("/v1/chat/completions", json=chat(**overrides)), 400, param=param, code=code)
+    assert param.split(".")[-1] in err["message"] or code != "unknown_parameter"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"metadata": {"team": "a"}, "store": False, "service_tier": "auto"},
+        {"modalities": ["text"], "prompt_cache_key": "k", "safety_identifier": "u1", "user": "u1"},
+        {"logprobs": False, "n": 1},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "refusal": None}]},
+    ],
+)
+def test_fields_that_change_nothing_here_are_accepted(http: TestClient, overrides: dict[str, object]) -> None:
+    assert http.post("/v1/chat/completions", json=chat(**overrides)).status_code == 200
+
+
+def test_completions_errors_name_the_prompt(http: TestClient) -> None:
+    body = {"model": DEFAULT_MODEL, "prompt": "word " * (CTX * 2), "max_tokens": 4}
+    assert_error(http.post("/v1/completions", json=body), 400, param="prompt", code="context_length_exceeded")
+    assert_error(http.post("/v1/completions", json={**body, "prompt": "x", "bogus": 1}), 400, param="bogus")
+
+
+def test_system_fingerprint_names_the_model_file_and_build(http: TestClient, scheduler: Scheduler) -> None:
+    from appliance import __version__
+
+    sha = scheduler.resolve(DEFAULT_MODEL).provenance["model_sha256"]
+    assert sha
+    expected = f"fp_{sha[:10]}_{__version__}"
+    assert http.post("/v1/chat/completions", json=chat()).json()["system_fingerprint"] == expected
+    completion = http.post("/v1/completions", json={"model": DEFAULT_MODEL, "prompt": "Hi", "max_tokens": 2})
+    assert completion.json()["system_fingerprint"] == expected
+    with http.stream("POST", "/v1/chat/completions", json=chat(stream=True)) as resp:
+        chunks = [line for line in resp.iter_lines() if line.startswith("data: {")]
+    assert chunks and all(f'"system_fingerprint":"{expected}"' in c.replace(" ", "") for c in chunks)

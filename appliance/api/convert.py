@@ -28,11 +28,45 @@ _SAMPLING_FIELDS = (
 )
 
 
+# Fields OpenAI defines that change nothing here, accepted so existing client code works unchanged.
+_ACCEPTED_EXTRAS = frozenset(
+    {
+        "metadata",  # tags for OpenAI's stored completions; the request log records every exchange anyway
+        "store",
+        "service_tier",  # one tier here
+        "prompt_cache_key",  # prompt caching here is automatic (the prefix cache)
+        "safety_identifier",  # like `user`
+    }
+)
+
+
 def _unsupported(param: str, message: str) -> APIError:
     return APIError(400, message, param=param, code="unsupported_parameter")
 
 
+def _unknown(param: str) -> APIError:
+    return APIError(
+        400,
+        f"Unrecognized request argument supplied: {param}. The README lists every parameter this server takes.",
+        param=param,
+        code="unknown_parameter",
+    )
+
+
+def _no_unknown_fields(req: _Sampling) -> None:
+    """A field we do not know is refused by name: silently ignoring it gives a different answer than asked."""
+    extras = req.model_extra or {}
+    if "audio" in extras:
+        raise _unsupported("audio", "Audio output is not supported: this server generates text.")
+    if "modalities" in extras and extras["modalities"] != ["text"]:
+        raise _unsupported("modalities", "Only the 'text' modality is supported.")
+    for name in extras:
+        if name not in _ACCEPTED_EXTRAS and name != "modalities":
+            raise _unknown(name)
+
+
 def _common_checks(req: _Sampling) -> None:
+    _no_unknown_fields(req)
     if req.n is not None and req.n > 1:
         raise _unsupported("n", "n > 1 is not supported: send separate requests (they are batched together).")
     if req.logprobs:
@@ -75,10 +109,9 @@ def _message_text(index: int, content: Any) -> str:
     texts = []
     for j, part in enumerate(content):
         if part.type != "text" or part.text is None:
-            raise APIError(
-                400,
+            raise _unsupported(
+                f"messages.{index}.content.{j}.type",
                 f"Content part type '{part.type}' is not supported by this model; only 'text'.",
-                param=f"messages.{index}.content.{j}.type",
             )
         texts.append(part.text)
     return "\n".join(texts)
@@ -90,10 +123,25 @@ def chat_request(req: ChatCompletionRequest) -> GenerationRequest:
         raise _unsupported("tools", "Tool and function calling are not supported yet.")
     if req.response_format and req.response_format.get("type", "text") != "text":
         raise _unsupported("response_format", "Only response_format type 'text' is supported yet.")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs set to true.", param="top_logprobs")
+    if req.parallel_tool_calls is not None and not req.tools:
+        raise APIError(400, "parallel_tool_calls is only allowed when tools are given.", param="parallel_tool_calls")
     messages = []
     for i, msg in enumerate(req.messages):
         if msg.role in ("tool", "function"):
             raise _unsupported(f"messages.{i}.role", f"Role '{msg.role}' needs tool calling, not supported yet.")
+        extras = msg.model_extra or {}
+        if extras.get("tool_calls") or extras.get("function_call"):
+            field = "tool_calls" if extras.get("tool_calls") else "function_call"
+            raise _unsupported(
+                f"messages.{i}.{field}", "Tool calls in the history need tool calling, not supported yet."
+            )
+        for name in extras:
+            if name not in ("tool_calls", "function_call", "refusal"):  # refusal: an earlier answer echoed back
+                raise _unknown(f"messages.{i}.{name}")
+        if msg.content is None and msg.role != "assistant":
+            raise APIError(400, f"A '{msg.role}' message needs content.", param=f"messages.{i}.content")
         role = "system" if msg.role == "developer" else msg.role
         messages.append(ChatMessage(role, _message_text(i, msg.content)))
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens

@@ -1,7 +1,8 @@
 """OpenAI wire types: what clients send and what they get back, with OpenAI's own names and bounds.
 
-Requests tolerate fields we do not use (clients send many); fields we cannot honour are
-rejected with a clear 400 in ``convert.py`` rather than silently ignored.
+Requests keep fields they do not declare (``extra="allow"``) so that ``convert.py`` can refuse
+each by name with a clear 400, or accept the few that change nothing here, rather than silently
+ignoring one and answering something other than what was asked.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 

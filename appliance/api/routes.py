@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from appliance import __version__
 from appliance.api import convert
 from appliance.api.edge import request_id, require_api_key, set_response_id
 from appliance.api.errors import APIError
@@ -41,6 +42,13 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 def _scheduler(request: Request) -> Scheduler:
     scheduler: Scheduler = request.app.state.scheduler
     return scheduler
+
+
+def _fingerprint(request: Request, model: str) -> str | None:
+    """OpenAI's ``system_fingerprint``: what decides the answers besides the request, here the model
+    file (its sha256's start) and this build; a client that caches answers keys on it."""
+    sha = _scheduler(request).resolve(model).provenance.get("model_sha256")
+    return f"fp_{sha[:10]}_{__version__}" if sha else None
 
 
 def _raise_if_failed(finish: FinishEvent) -> None:
@@ -113,7 +121,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         exchange.generations.append(gen)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = chat_chunks(gen, created=created, include_usage=include_usage)
+            chunks = chat_chunks(
+                gen, created=created, include_usage=include_usage, fingerprint=_fingerprint(request, gen.model)
+            )
             return event_stream(request, [gen], chunks, on_end=exchange.stream_ended)
         async with cancel_on_disconnect(request, [gen]):
             text, finish = await gen.collect()
@@ -128,6 +138,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         model=gen.model,
         choices=[ChatChoice(index=0, message=ChatMessageOut(content=text), finish_reason=finish.finish_reason)],
         usage=convert.usage([finish]),
+        system_fingerprint=_fingerprint(request, gen.model),
     )
 
 
@@ -169,7 +180,12 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             chunks = completion_chunks(
-                gens, response_id=response_id, created=created, include_usage=include_usage, echo=echo
+                gens,
+                response_id=response_id,
+                created=created,
+                include_usage=include_usage,
+                echo=echo,
+                fingerprint=_fingerprint(request, gens[0].model),
             )
             return event_stream(request, gens, chunks, on_end=exchange.stream_ended)
         results: list[tuple[str, FinishEvent]] = []
@@ -192,4 +208,5 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
         model=gens[0].model,
         choices=choices,
         usage=convert.usage([f for _, f in results]),
+        system_fingerprint=_fingerprint(request, gens[0].model),
     )

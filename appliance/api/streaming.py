@@ -120,14 +120,16 @@ def event_stream(
     )
 
 
-async def chat_chunks(gen: Generation, *, created: int, include_usage: bool) -> AsyncIterator[str]:
+async def chat_chunks(
+    gen: Generation, *, created: int, include_usage: bool, fingerprint: str | None = None
+) -> AsyncIterator[str]:
     def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> str:
         data: dict[str, Any] = {
             "id": gen.id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": gen.model,
-            "system_fingerprint": None,
+            "system_fingerprint": fingerprint,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
         }
         if include_usage:
@@ -151,7 +153,7 @@ async def chat_chunks(gen: Generation, *, created: int, include_usage: bool) -> 
                     "object": "chat.completion.chunk",
                     "created": created,
                     "model": gen.model,
-                    "system_fingerprint": None,
+                    "system_fingerprint": fingerprint,
                     "choices": [],
                     "usage": usage([event]).model_dump(),
                 }
@@ -160,7 +162,13 @@ async def chat_chunks(gen: Generation, *, created: int, include_usage: bool) -> 
 
 
 async def completion_chunks(
-    gens: Sequence[Generation], *, response_id: str, created: int, include_usage: bool, echo: Sequence[str]
+    gens: Sequence[Generation],
+    *,
+    response_id: str,
+    created: int,
+    include_usage: bool,
+    echo: Sequence[str],
+    fingerprint: str | None = None,
 ) -> AsyncIterator[str]:
     def chunk(index: int, text: str, finish_reason: str | None = None) -> str:
         data: dict[str, Any] = {
@@ -168,7 +176,7 @@ async def completion_chunks(
             "object": "text_completion",
             "created": created,
             "model": gens[0].model,
-            "system_fingerprint": None,
+            "system_fingerprint": fingerprint,
             "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}],
         }
         if include_usage:
@@ -196,7 +204,7 @@ async def completion_chunks(
                 "object": "text_completion",
                 "created": created,
                 "model": gens[0].model,
-                "system_fingerprint": None,
+                "system_fingerprint": fingerprint,
                 "choices": [],
                 "usage": usage(finishes).model_dump(),
             }
