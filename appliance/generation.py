@@ -61,6 +61,14 @@ class InvalidPromptError(ApplianceError):
     """The prompt cannot be built (e.g. the chat template rejects the conversation)."""
 
 
+class InvalidParameterError(ApplianceError):
+    """A request parameter the model cannot take (e.g. a logit_bias token outside its vocabulary)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class QueueFullError(ApplianceError):
     def __init__(self, model: str, depth: int, retry_after: int) -> None:
         super().__init__(f"The server is at capacity for model '{model}' ({depth} requests waiting). Retry later.")

@@ -30,6 +30,7 @@ from appliance.generation import (
     FinishReason,
     Generation,
     GenerationRequest,
+    InvalidParameterError,
     InvalidPromptError,
     QueueFullError,
     ShuttingDownError,
@@ -780,6 +781,12 @@ class Scheduler:
                 raise InvalidPromptError(f"Token id {bad[0]} is outside the vocabulary (0..{model.facts.n_vocab - 1}).")
         else:
             tokens = model.tokenize(request.prompt or "", add_special=True)
+        outside = [t for t, _ in request.sampling.get("logit_bias", ()) if not 0 <= t < model.facts.n_vocab]
+        if outside:
+            raise InvalidParameterError(
+                "logit_bias",
+                f"Token id {outside[0]} in logit_bias is outside the vocabulary (0..{model.facts.n_vocab - 1}).",
+            )
         n_ctx = model.facts.n_ctx_per_slot
         if not tokens:
             raise InvalidPromptError("The prompt is empty after tokenization.")

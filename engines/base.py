@@ -64,6 +64,7 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     penalty_last_n: int = 64
     seed: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit before sampling)
 
     @property
     def greedy(self) -> bool:

@@ -225,13 +225,18 @@ def _quantization(file_type: str | None) -> str | None:
 
 
 class GgufSampler:
-    """One sequence's llama.cpp sampler chain (penalties -> top-k -> top-p -> min-p -> temp -> dist)."""
+    """One sequence's llama.cpp sampler chain (logit bias -> penalties -> top-k -> top-p -> min-p -> temp -> dist)."""
 
     def __init__(self, lib: Any, ctx: Any, n_vocab: int, params: SamplingParams) -> None:
         self._lib = lib
         self._ctx = ctx
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         add = lib.llama_sampler_chain_add
+        if params.logit_bias:  # first: OpenAI's bias is added to the model's logits, before anything else
+            biases = (lib.llama_logit_bias * len(params.logit_bias))(
+                *(lib.llama_logit_bias(token, bias) for token, bias in params.logit_bias)
+            )
+            add(chain, lib.llama_sampler_init_logit_bias(n_vocab, len(biases), biases))
         if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
             add(
                 chain,

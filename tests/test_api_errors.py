@@ -269,3 +269,27 @@ def test_system_fingerprint_names_the_model_file_and_build(http: TestClient, sch
     with http.stream("POST", "/v1/chat/completions", json=chat(stream=True)) as resp:
         chunks = [line for line in resp.iter_lines() if line.startswith("data: {")]
     assert chunks and all(f'"system_fingerprint":"{expected}"' in c.replace(" ", "") for c in chunks)
+
+
+# -- logit_bias ---------------------------------------------------------------------------------------
+
+
+def test_logit_bias_bans_and_forces_tokens(http: TestClient, scheduler: Scheduler) -> None:
+    model = scheduler.resolve(DEFAULT_MODEL).model
+    body = {"model": DEFAULT_MODEL, "prompt": "The capital of France is", "max_tokens": 3, "temperature": 0}
+    plain = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    first = model.tokenize(plain, add_special=False)[0]
+    banned = http.post("/v1/completions", json={**body, "logit_bias": {str(first): -100}}).json()
+    assert model.tokenize(banned["choices"][0]["text"], add_special=False)[0] != first
+    forced_token = model.tokenize(" banana", add_special=False)[0]
+    forced = http.post("/v1/completions", json={**body, "logit_bias": {str(forced_token): 100}}).json()
+    assert model.tokenize(forced["choices"][0]["text"], add_special=False) == [forced_token] * 3
+    chat_forced = http.post("/v1/chat/completions", json=chat(max_tokens=2, logit_bias={str(forced_token): 100}))
+    assert chat_forced.json()["choices"][0]["message"]["content"] == " banana banana"
+
+
+@pytest.mark.parametrize(
+    "bias", [{"abc": 1}, {"12": 101}, {"12": -100.5}, {"999999999": 5}, {str(i): 1 for i in range(301)}]
+)
+def test_invalid_logit_bias_is_400(http: TestClient, bias: dict[str, float]) -> None:
+    assert_error(http.post("/v1/chat/completions", json=chat(logit_bias=bias)), 400, param="logit_bias")

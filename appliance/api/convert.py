@@ -71,8 +71,6 @@ def _common_checks(req: _Sampling) -> None:
         raise _unsupported("n", "n > 1 is not supported: send separate requests (they are batched together).")
     if req.logprobs:
         raise _unsupported("logprobs", "logprobs are not supported yet.")
-    if req.logit_bias:
-        raise _unsupported("logit_bias", "logit_bias is not supported yet.")
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true.", param="stream_options")
 
@@ -89,7 +87,30 @@ def lora_choices(req: _Sampling) -> tuple[tuple[str, float], ...]:
 
 def sampling_overrides(req: _Sampling) -> dict[str, Any]:
     """Only the values the client set: the model's own defaults fill the rest."""
-    return {name: getattr(req, name) for name in _SAMPLING_FIELDS if getattr(req, name) is not None}
+    values = {name: getattr(req, name) for name in _SAMPLING_FIELDS if getattr(req, name) is not None}
+    if req.logit_bias:
+        values["logit_bias"] = logit_bias(req.logit_bias)
+    return values
+
+
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on the number of biased tokens
+
+
+def logit_bias(given: dict[str, float]) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias`` (token id as a string -> -100..100) as (token, bias) pairs; the
+    scheduler checks the ids against the model's vocabulary."""
+    if len(given) > MAX_LOGIT_BIAS:
+        raise APIError(400, f"logit_bias may bias at most {MAX_LOGIT_BIAS} tokens.", param="logit_bias")
+    pairs = []
+    for key, bias in given.items():
+        if not key.strip().isdigit():
+            raise APIError(400, f"Invalid key in logit_bias: '{key}' is not a token id.", param="logit_bias")
+        if not -100 <= bias <= 100:
+            raise APIError(
+                400, f"Invalid value in logit_bias for token {key}: {bias} (-100 to 100).", param="logit_bias"
+            )
+        pairs.append((int(key), float(bias)))
+    return tuple(sorted(pairs))
 
 
 def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:

@@ -20,6 +20,7 @@ from appliance.generation import (
     ApplianceError,
     ContextLengthError,
     GenerationFailedError,
+    InvalidParameterError,
     InvalidPromptError,
     QueueFullError,
     ShuttingDownError,
@@ -69,6 +70,8 @@ def from_appliance_error(exc: ApplianceError, prompt_param: str = "messages") ->
         return APIError(400, str(exc), param="lora", code="lora_not_found")
     if isinstance(exc, ContextLengthError):
         return APIError(400, str(exc), param=prompt_param, code="context_length_exceeded")
+    if isinstance(exc, InvalidParameterError):
+        return APIError(400, str(exc), param=exc.param)
     if isinstance(exc, InvalidPromptError):
         return APIError(400, str(exc), param=prompt_param, code="invalid_prompt")
     if isinstance(exc, QueueFullError):
