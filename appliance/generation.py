@@ -42,23 +42,28 @@ class UnknownAdapterError(ApplianceError):
 
 
 class ContextLengthError(ApplianceError):
-    def __init__(self, n_ctx: int, prompt_tokens: int, max_tokens: int | None) -> None:
+    def __init__(self, n_ctx: int, prompt_tokens: int, max_tokens: int | None, param: str = "messages") -> None:
         if max_tokens is None:
             msg = (
-                f"This model's maximum context length is {n_ctx} tokens. However, your messages "
-                f"resulted in {prompt_tokens} tokens. Please reduce the length of the messages."
+                f"This model's maximum context length is {n_ctx} tokens. However, your {param} "
+                f"resulted in {prompt_tokens} tokens. Please reduce the length of the {param}."
             )
         else:
             msg = (
                 f"This model's maximum context length is {n_ctx} tokens. However, you requested "
-                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} "
-                "in the completion). Please reduce the length of the messages or completion."
+                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {param}, {max_tokens} "
+                f"in the completion). Please reduce the length of the {param} or completion."
             )
         super().__init__(msg)
+        self.param = param  # the request field that holds the prompt: "messages" or "prompt"
 
 
 class InvalidPromptError(ApplianceError):
     """The prompt cannot be built (e.g. the chat template rejects the conversation)."""
+
+    def __init__(self, message: str, param: str = "messages") -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class InvalidParameterError(ApplianceError):

@@ -768,17 +768,19 @@ class Scheduler:
         (blocking: run it off the loop)."""
         runner, implied = self.target(request.model)
         model = runner.model
+        field = "messages" if request.messages is not None else "prompt"  # what errors name
         if request.messages is not None:
             try:
                 text = model.render_chat(request.messages)
             except EngineError as exc:
-                raise InvalidPromptError(str(exc)) from exc
+                raise InvalidPromptError(str(exc), field) from exc
             tokens = model.tokenize(text, add_special=True)
         elif request.prompt_tokens is not None:
             tokens = list(request.prompt_tokens)
             bad = [t for t in tokens if not 0 <= t < model.facts.n_vocab]
             if bad:
-                raise InvalidPromptError(f"Token id {bad[0]} is outside the vocabulary (0..{model.facts.n_vocab - 1}).")
+                message = f"Token id {bad[0]} is outside the vocabulary (0..{model.facts.n_vocab - 1})."
+                raise InvalidPromptError(message, field)
         else:
             tokens = model.tokenize(request.prompt or "", add_special=True)
         outside = [t for t, _ in request.sampling.get("logit_bias", ()) if not 0 <= t < model.facts.n_vocab]
@@ -789,9 +791,9 @@ class Scheduler:
             )
         n_ctx = model.facts.n_ctx_per_slot
         if not tokens:
-            raise InvalidPromptError("The prompt is empty after tokenization.")
+            raise InvalidPromptError("The prompt is empty after tokenization.", field)
         if len(tokens) >= n_ctx or (request.max_tokens is not None and len(tokens) + request.max_tokens > n_ctx):
-            raise ContextLengthError(n_ctx, len(tokens), request.max_tokens)
+            raise ContextLengthError(n_ctx, len(tokens), request.max_tokens, field)
         max_tokens = request.max_tokens if request.max_tokens is not None else n_ctx - len(tokens)
         return runner, implied, tokens, max_tokens
 

@@ -55,17 +55,20 @@ class BackendSelection:
     others: tuple[str, ...] = ()  # other backends loaded from the folder (cuda, vulkan...)
 
 
+# how ggml names a backend library: ggml-cpu-haswell.dll, else libggml-cpu-haswell.so (macOS too)
+_PREFIX, _SUFFIX = ("", ".dll") if sys.platform == "win32" else ("lib", ".so")
+
+
 def _library_name(stem: str) -> str:
-    return f"{stem}.dll" if sys.platform == "win32" else f"lib{stem}.so"  # ggml names them .so on macOS too
+    return f"{_PREFIX}{stem}{_SUFFIX}"
 
 
 def find_variants(lib_dir: Path) -> list[CpuVariant]:
     """Every CPU variant in ``lib_dir`` with its score, best first; loading one only to call its score
     function is safe on any CPU (ggml compiles that function for the baseline, and does the same)."""
-    prefix, suffix = _library_name("ggml-cpu-").split("ggml-cpu-")
     found = []
     for path in sorted(lib_dir.glob(_library_name("ggml-cpu-*"))):
-        name = path.name.removeprefix(prefix + "ggml-cpu-").removesuffix(suffix)
+        name = path.name.removeprefix(_PREFIX + "ggml-cpu-").removesuffix(_SUFFIX)
         try:
             score = int(ctypes.CDLL(str(path)).ggml_backend_score())
         except (OSError, AttributeError):  # unloadable, or not a ggml backend: never chosen
@@ -77,13 +80,8 @@ def find_variants(lib_dir: Path) -> list[CpuVariant]:
 def _other_backends(lib_dir: Path) -> list[Path]:
     """GPU backends built as modules (``libggml-cuda.so``): everything ``ggml-*`` but the CPU, ggml
     itself and its base library."""
-    keep = []
-    for path in sorted(lib_dir.glob(_library_name("ggml-*"))):
-        stem = path.name
-        if "ggml-cpu" in stem or stem in (_library_name("ggml-base"), _library_name("ggml")):
-            continue
-        keep.append(path)
-    return keep
+    skip = (_library_name("ggml-base"), _library_name("ggml"))
+    return [p for p in sorted(lib_dir.glob(_library_name("ggml-*"))) if "ggml-cpu" not in p.name and p.name not in skip]
 
 
 def load_backends(ggml: Any, lib_dir: Path, forced: str | None = None) -> BackendSelection:

@@ -270,7 +270,7 @@ def platform_tag() -> str:
     return f"{sys.platform.removesuffix('2')}-{machine}".replace("darwin", "macos").replace("win32", "windows")
 
 
-def report(out: Path, packed: payload.PackReport, onedir: Path) -> dict[str, object]:
+def report(out: Path, packed: payload.PackReport) -> dict[str, object]:
     """Sizes for BENCHMARKS.md: the file, without the model, unpacked, and the largest parts grouped
     by package (what a reader can act on) rather than by file."""
     groups: dict[str, list[int]] = {}
@@ -286,17 +286,17 @@ def report(out: Path, packed: payload.PackReport, onedir: Path) -> dict[str, obj
         sizes[0] += entry.compressed_size
         sizes[1] += entry.original_size
     largest = sorted(groups.items(), key=lambda kv: -kv[1][0])[:15]
+    size, without = packed.file_size, packed.file_size - model
     data: dict[str, object] = {
         "file": str(out),
         "build_id": packed.build_id,
-        "size_bytes": out.stat().st_size,
-        "size_without_model_bytes": out.stat().st_size - model,
+        "size_bytes": size,
+        "size_without_model_bytes": without,
         "unpacked_bytes": packed.unpacked_size,
         "files": len(packed.entries),
         "largest_parts": [{"part": k, "packed_bytes": v[0], "unpacked_bytes": v[1]} for k, v in largest],
     }
     mb = 1e6
-    size, without = out.stat().st_size, out.stat().st_size - model
     print(f"    {out.name}: {size / mb:.1f} MB ({without / mb:.1f} MB without the model)")
     print(f"    unpacks once to {packed.unpacked_size / mb:.1f} MB in {len(packed.entries)} files; largest parts:")
     for k, v in largest:
@@ -338,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = args.out / name
         packed = payload.pack(onedir, "appliance", launcher, out, stored_suffixes=MODEL_SUFFIXES)
         _done(t, str(out))
-        data = report(out, packed, onedir)
+        data = report(out, packed)
         out.with_name(out.name + ".build.json").write_text(json.dumps(data, indent=2) + "\n")
     except BuildError as exc:
         print(f"build.py: error: {exc}", file=sys.stderr)

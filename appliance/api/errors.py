@@ -56,24 +56,18 @@ def error_body(
     return ErrorResponse(error=ErrorDetail(message=message, type=type, param=param, code=code)).model_dump()
 
 
-def prompt_param(path: str) -> str:
-    """The request field that holds the prompt, for an endpoint's path."""
-    return "prompt" if path.rstrip("/").endswith("/v1/completions") else "messages"
-
-
-def from_appliance_error(exc: ApplianceError, prompt_param: str = "messages") -> APIError:
-    """The one mapping from internal error classes to HTTP; ``prompt_param`` names where the prompt
-    came from (``prompt`` on /v1/completions)."""
+def from_appliance_error(exc: ApplianceError) -> APIError:
+    """The one mapping from internal error classes to HTTP."""
     if isinstance(exc, UnknownModelError):
         return APIError(404, str(exc), param="model", code="model_not_found")
     if isinstance(exc, UnknownAdapterError):
         return APIError(400, str(exc), param="lora", code="lora_not_found")
     if isinstance(exc, ContextLengthError):
-        return APIError(400, str(exc), param=prompt_param, code="context_length_exceeded")
+        return APIError(400, str(exc), param=exc.param, code="context_length_exceeded")
     if isinstance(exc, InvalidParameterError):
         return APIError(400, str(exc), param=exc.param)
     if isinstance(exc, InvalidPromptError):
-        return APIError(400, str(exc), param=prompt_param, code="invalid_prompt")
+        return APIError(400, str(exc), param=exc.param, code="invalid_prompt")
     if isinstance(exc, QueueFullError):
         return APIError(
             503, str(exc), type="server_error", code="server_overloaded", headers={"Retry-After": str(exc.retry_after)}
@@ -113,8 +107,8 @@ def install_error_handlers(app: FastAPI, on_invalid: Callable[[Request, Any, int
         return _json(exc)
 
     @app.exception_handler(ApplianceError)
-    async def _appliance_error(request: Request, exc: ApplianceError) -> JSONResponse:
-        return _json(from_appliance_error(exc, prompt_param(request.url.path)))
+    async def _appliance_error(_: Request, exc: ApplianceError) -> JSONResponse:
+        return _json(from_appliance_error(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
