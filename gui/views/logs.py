@@ -15,7 +15,6 @@ from pathlib import Path
 from PySide6.QtCore import QItemSelectionModel, QModelIndex, Qt, QTimer
 from PySide6.QtGui import QFontDatabase, QFontMetrics, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
-    QAbstractItemView,
     QApplication,
     QCheckBox,
     QComboBox,
@@ -28,7 +27,6 @@ from PySide6.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSplitter,
-    QTableView,
     QTextBrowser,
     QVBoxLayout,
     QWidget,
@@ -44,6 +42,7 @@ from gui.viewmodels.logs import (
     facts,
     prompt_messages,
 )
+from gui.views.tables import row_table
 
 TYPING_PAUSE_MS = 350  # the text filters apply once typing pauses, not on every key
 COLUMN_WIDTHS = {"Time": 140, "Model": 160, "Adapter": 100, "Status": 90, "Rating": 55, "Tokens": 80, "Latency": 75}
@@ -202,15 +201,7 @@ class LogsView(QWidget):
         return row
 
     def _table_pane(self) -> QWidget:
-        self.table = QTableView()
-        self.table.setAccessibleName("Logged exchanges")
-        self.table.setModel(self.vm.table)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.table.setAlternatingRowColors(True)
-        self.table.setWordWrap(False)
-        self.table.verticalHeader().hide()
+        self.table = row_table(self.vm.table, "Logged exchanges")
         self.table.verticalHeader().setDefaultSectionSize(24)
         header = self.table.horizontalHeader()
         header.setHighlightSections(False)

@@ -14,17 +14,16 @@ from typing import Any
 from PySide6.QtCore import QAbstractTableModel, QItemSelectionModel, QModelIndex, QPersistentModelIndex, Qt
 from PySide6.QtGui import QColor, QHideEvent, QKeySequence, QShortcut, QShowEvent
 from PySide6.QtWidgets import (
-    QAbstractItemView,
     QHBoxLayout,
     QHeaderView,
     QLabel,
     QPushButton,
-    QTableView,
     QVBoxLayout,
     QWidget,
 )
 
 from gui.viewmodels.requests import HISTORY_S, RequestRow, RequestsViewModel
+from gui.views.tables import row_table
 
 COLUMNS = (
     "Queued at",
@@ -39,7 +38,7 @@ COLUMNS = (
     "Time",
 )
 NUMERIC = frozenset({5, 6, 7, 8, 9})
-WIDTHS = (80, 300, 90, 230, 130, 70, 90, 80, 80, 70)
+WIDTHS = (80, 200, 90, 230, 100, 70, 90, 80, 80, 70)  # the stretched Model / adapter keeps what is left
 STATUS_COLORS = {"cancelled": "#a15c00", "error": "#b00020", "timeout": "#b00020", "shutdown": "#b00020"}
 RUNNING_COLOR = "#1f5fbf"
 ERROR_COLOR = "#b00020"
@@ -172,16 +171,8 @@ class RequestsView(QWidget):
         self.summary.setAccessibleName("Load of each model")
         self.charts = LoadCharts()
         self.model = RequestTableModel()
-        self.table = QTableView()
-        self.table.setAccessibleName("Requests: queued and running first, then finished")
-        self.table.setModel(self.model)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table = row_table(self.model, "Requests: queued and running first, then finished")
         self.table.setTextElideMode(Qt.TextElideMode.ElideMiddle)
-        self.table.setAlternatingRowColors(True)
-        self.table.setWordWrap(False)
-        self.table.verticalHeader().hide()
         header = self.table.horizontalHeader()
         header.setAccessibleName("Request columns")
         header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
