@@ -30,6 +30,7 @@ from engines.ggufmeta import model_shape
 if TYPE_CHECKING:
     from appliance.lora.sync import AdapterSync
     from appliance.requestlog.writer import DisabledLog, LogWriter
+    from appliance.responses_store import ResponseStore
     from appliance.scheduler import ModelRunner, Scheduler
 
 # What only serving needs (the scheduler, the engines' runtimes, the request log, the HTTP stack)
@@ -254,6 +255,17 @@ def build_request_log(settings: Settings, paths: Paths) -> LogWriter | DisabledL
     return LogWriter(path, redactor, max_pending=settings.log_buffer, retention=retention)
 
 
+def build_response_store(paths: Paths) -> ResponseStore:
+    """Where ``/v1/responses`` keeps stored responses; a file that cannot be used falls back to memory."""
+    from appliance.responses_store import ResponseStore, ResponseStoreError
+
+    try:
+        return ResponseStore(paths.responses_file)
+    except ResponseStoreError as exc:
+        log.error("%s; stored responses are kept in memory until the server stops", exc)
+        return ResponseStore(None)
+
+
 def base_resolver(paths: Paths) -> Callable[[str], tuple[str, Path]]:
     """Model id or alias -> (id, file), from models.toml as it is now (a model imported later counts)."""
 
@@ -342,6 +354,7 @@ def serve(settings: Settings, paths: Paths, sources: Mapping[str, str] | None = 
     scheduler: Scheduler | None = None
     adapters: AdapterSync | None = None
     request_log: LogWriter | DisabledLog | None = None
+    responses: ResponseStore | None = None
     served = False
 
     def stop_work() -> None:  # idempotent: the drain calls it, and the cleanup below again
@@ -367,10 +380,13 @@ def serve(settings: Settings, paths: Paths, sources: Mapping[str, str] | None = 
                 from appliance.httpserver import make_server
 
                 request_log = build_request_log(settings, paths)
+                responses = build_response_store(paths)
             finally:
                 scheduler = loading.result()  # a load error wins: it is the one to report
         adapters = build_adapters(scheduler, paths)
-        app = create_app(scheduler, settings, request_log, adapters, hardware, paths=paths, sources=sources)
+        app = create_app(
+            scheduler, settings, request_log, adapters, hardware, paths=paths, sources=sources, responses=responses
+        )
         server = make_server(
             app,
             scheduler,
@@ -392,6 +408,8 @@ def serve(settings: Settings, paths: Paths, sources: Mapping[str, str] | None = 
         stop_work()
         if request_log is not None:
             request_log.close()  # after the scheduler: the last exchanges' records are in by then
+        if responses is not None:
+            responses.close()
         for sock in sockets:
             sock.close()
         if unix is not None:

@@ -177,6 +177,11 @@ class Paths:
         return self.home / "requests.sqlite"
 
     @property
+    def responses_file(self) -> Path:
+        """Responses kept for ``previous_response_id`` (``/v1/responses`` with ``store: true``)."""
+        return self.home / "responses.sqlite"
+
+    @property
     def loras_dir(self) -> Path:
         return self.home / "loras"
 

@@ -13,9 +13,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from engines.base import ChatMessage
+
+if TYPE_CHECKING:
+    from appliance.constraints import Grammar
+    from appliance.tools import ToolFormat, ToolRequest
 
 # "cancelled": the client went away; "shutdown": the server stopped before the generation ended
 FinishReason = Literal["stop", "length", "cancelled", "timeout", "error", "shutdown"]
@@ -103,11 +107,34 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     # LoRA adapters by name with their scales, on top of any the model id selects
     adapters: tuple[tuple[str, float], ...] = ()
+    grammar: Grammar | None = None  # the answer's constraint (response_format)
+    tools: ToolRequest | None = None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request made ready for a runner: its prompt tokens, bound, constraint and tool format."""
+
+    tokens: list[int]
+    max_tokens: int
+    implied_adapter: str | None = None  # the adapter the model id names
+    grammar: str | None = None  # checked against the model's tokenizer (``ModelConstraints.compile``)
+    tool_format: ToolFormat | None = None
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """A generated token's bytes and log-probability, with the likeliest alternatives (bytes, logprob)."""
+
+    data: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
 
 
 @dataclass(frozen=True)
 class TextEvent:
     text: str
+    logprobs: tuple[TokenInfo, ...] = ()  # of the tokens this text came from, when asked for
 
 
 @dataclass(frozen=True)
@@ -135,8 +162,10 @@ class Generation:
     finish: FinishEvent | None = None
     base_model: str = ""  # the loaded model under the id answered as ``model``
     adapters: tuple[tuple[str, float, str | None], ...] = ()  # applied: name, scale, file sha256
+    tool_format: ToolFormat | None = None  # how to read tool calls out of the text, when tools were offered
     # what was consumed so far, for the request log: the text and when its first piece came
     parts: list[str] = field(default_factory=list, repr=False)
+    logprobs: list[TokenInfo] = field(default_factory=list, repr=False)
     first_text_at: float | None = None  # time.monotonic()
 
     def cancel(self) -> None:
@@ -154,6 +183,7 @@ class Generation:
                 if self.first_text_at is None:
                     self.first_text_at = time.monotonic()
                 self.parts.append(event.text)
+                self.logprobs.extend(event.logprobs)
             elif isinstance(event, FinishEvent):
                 # before the yield: a consumer that stops at the finish event (an error event
                 # ends the stream) closes this generator there, and the cause must stay known

@@ -21,8 +21,9 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from appliance import constraints, tools
 from appliance.generation import (
     ContextLengthError,
     Event,
@@ -32,9 +33,11 @@ from appliance.generation import (
     GenerationRequest,
     InvalidParameterError,
     InvalidPromptError,
+    Prepared,
     QueueFullError,
     ShuttingDownError,
     TextEvent,
+    TokenInfo,
     UnknownAdapterError,
     UnknownModelError,
     thread_safe_emitter,
@@ -107,6 +110,10 @@ class _Job:
     adapters: AdapterKey = ()
     client: str = ""
     cancelled_by: str | None = None  # why the server cancelled it; None: its client went away
+    grammar: str | None = None  # the constraint, compiled for this model's tokenizer
+    # more choices of the same request (``n``): admitted with this job, they take a copy of its
+    # prompt's KV instead of computing it again
+    followers: list[_Job] = field(default_factory=list)
 
 
 @dataclass
@@ -140,10 +147,18 @@ class _Sequence:
     ngrams: NgramIndex | None = None
     started: float = 0.0  # admitted to its slot
     first_token_at: float | None = None  # prefill done: the first token is being sampled
+    matcher: Any = None  # the constraint's parser state (llguidance), if the request has one
+    leader: _Sequence | None = None  # a choice waiting for its leader's prompt KV
+    followers: list[_Sequence] = field(default_factory=list)
+    logprobs: list[TokenInfo] = field(default_factory=list)  # of tokens whose text is not yet sent
 
     @property
     def prefilling(self) -> bool:
         return self.n_prompt_done < len(self.job.tokens)
+
+    @property
+    def computes_prompt(self) -> bool:
+        return self.prefilling and self.leader is None
 
 
 @dataclass
@@ -273,6 +288,8 @@ class ModelRunner:
         self._thread.start()
 
     def submit(self, job: _Job) -> None:
+        """Queue a job (with its ``followers``, which are admitted with it, together)."""
+        assert 1 + len(job.followers) <= self.model.facts.n_slots, "more choices than slots"
         with self._cond:
             if self._stopping:
                 raise ShuttingDownError()
@@ -281,8 +298,10 @@ class ModelRunner:
                 self._counters["rejected"] += 1
                 raise QueueFullError(self.model_id, len(self._waiting), retry_after=self._retry_after())
             job.enqueued = self._clock()
+            for follower in job.followers:
+                follower.enqueued = job.enqueued
             self._waiting.append(job)
-            self._counters["requests"] += 1
+            self._counters["requests"] += 1 + len(job.followers)
             self._cond.notify()
 
     def _retry_after(self) -> int:
@@ -311,14 +330,15 @@ class ModelRunner:
         decode loop pays nothing per token for this.
         """
         with self._cond:
-            live = [self._snapshot(job, None) for job in self._waiting]
+            live = [self._snapshot(each, None) for job in self._waiting for each in (job, *job.followers)]
             live += [self._snapshot(seq.job, seq) for seq in self._active.values()]
             return live, list(self._finished)
 
     def cancel(self, request_id: str, reason: str) -> bool:
         """End a waiting or running request as if its client went away; False if none has this id."""
         with self._cond:
-            for job in [*self._waiting, *(seq.job for seq in self._active.values())]:
+            waiting = [each for job in self._waiting for each in (job, *job.followers)]
+            for job in [*waiting, *(seq.job for seq in self._active.values())]:
                 if job.id == request_id:
                     if not job.cancel.is_set():
                         job.cancelled_by = reason
@@ -469,24 +489,37 @@ class ModelRunner:
             else:
                 keep.append(job)
                 continue
-            job.emit(event)
-            self._finished.append(self._snapshot(job, None, event))
+            for each in (job, *job.followers):
+                each.emit(event)
+                self._finished.append(self._snapshot(each, None, event))
         self._waiting = keep
 
     def _admit_locked(self) -> list[_Sequence]:
         admitted: list[_Sequence] = []
-        while self._waiting and self._free:
+        # first come first served: a request with n choices waits until n slots are free
+        while self._waiting and len(self._free) > len(self._waiting[0].followers):
             job = self._waiting.popleft()
             slot, n_cached = self._pick_slot(job.tokens, job.adapters)
-            self._free.remove(slot)
-            seq = _Sequence(job, slot, self.model.new_sampler(job.sampling), TextStream(job.request.stop))
-            seq.n_cached = seq.n_prompt_done = seq.n_past = n_cached
-            seq.started = self._clock()
-            if self.config.speculative:
-                seq.ngrams = NgramIndex(job.tokens)
-            self._active[slot.index] = seq
+            seq = self._place(job, slot, n_cached)
             admitted.append(seq)
+            for follower in job.followers:
+                other = self._place(follower, min(self._free, key=lambda s: (bool(s.cached), s.last_used)), 0)
+                other.leader = seq
+                seq.followers.append(other)
+                admitted.append(other)
         return admitted
+
+    def _place(self, job: _Job, slot: _Slot, n_cached: int) -> _Sequence:
+        self._free.remove(slot)
+        seq = _Sequence(job, slot, self.model.new_sampler(job.sampling), TextStream(job.request.stop))
+        seq.n_cached = seq.n_prompt_done = seq.n_past = n_cached
+        seq.started = self._clock()
+        if job.grammar is not None:
+            seq.matcher = constraints.for_model(self.model).matcher(job.grammar)
+        elif self.config.speculative:  # drafts are not checked against a constraint: none then
+            seq.ngrams = NgramIndex(job.tokens)
+        self._active[slot.index] = seq
+        return seq
 
     def _pick_slot(self, tokens: list[int], adapters: AdapterKey) -> tuple[_Slot, int]:
         """The free slot whose cache serves this prompt best, and how many tokens it saves.
@@ -560,11 +593,12 @@ class ModelRunner:
                     drafts.append(draft)
                     items.append(BatchItem(seq.slot.index, (seq.pending, *draft), seq.n_past, 1 + len(draft)))
                 outputs = self._decode(items, group[0].job.adapters)
+                masks = self._masks(group)
                 for seq, indices, draft in zip(group, outputs, drafts, strict=True):
-                    generated += self._accept(seq, indices, draft)
+                    generated += self._accept(seq, indices, draft, masks.get(seq.slot.index))
             share = max(2 * exact, self.config.n_batch // PREFILL_SHARE_WHILE_DECODING)
             budget = min(self.config.n_batch, share)
-        prefilling = [s for s in self._active.values() if s.prefilling]
+        prefilling = [s for s in self._active.values() if s.computes_prompt]
         for seq in [s for group in self._by_adapters(prefilling) for s in group]:
             start = seq.n_prompt_done
             n = prefill_chunk(len(seq.job.tokens) - start, budget, exact)
@@ -578,9 +612,34 @@ class ModelRunner:
             seq.n_past += n
             if done:
                 seq.first_token_at = self._clock()
-                generated += self._accept(seq, indices, [])
+                generated += self._share_prompt(seq, indices)
+                generated += self._accept(seq, indices, [], self._masks([seq]).get(seq.slot.index))
         with self._cond:
             self._rate.append((self._clock(), generated))
+
+    def _share_prompt(self, seq: _Sequence, indices: list[int]) -> int:
+        """The other choices of a request take a copy of its prompt's KV and sample their first
+        token from the same logits: bit-identical to computing the prompt again, at no cost."""
+        generated = 0
+        for other in seq.followers:
+            if self._active.get(other.slot.index) is not other:
+                continue  # cancelled meanwhile
+            self.model.copy_slot(seq.slot.index, other.slot.index)
+            other.leader = None
+            other.n_prompt_done = other.n_past = other.n_cached = seq.n_prompt_done  # counted as cached
+            other.first_token_at = seq.first_token_at
+            # each its own mask (the buffer row is reused), before the leader's
+            generated += self._accept(other, indices, [], self._masks([other]).get(other.slot.index))
+        seq.followers = []
+        return generated
+
+    def _masks(self, seqs: list[_Sequence]) -> dict[int, Any]:
+        """The allowed-token masks of the constrained sequences among ``seqs``, by slot (one call)."""
+        constrained = [seq for seq in seqs if seq.matcher is not None]
+        if not constrained:
+            return {}
+        masks = constraints.for_model(self.model).masks([seq.matcher for seq in constrained])
+        return {seq.slot.index: mask for seq, mask in zip(constrained, masks, strict=True)}
 
     def _draft(self, seq: _Sequence, budget: int) -> list[int]:
         if seq.ngrams is None or budget <= 0:
@@ -589,13 +648,13 @@ class ModelRunner:
         room = min(room, self.model.facts.n_ctx_per_slot - seq.n_past - 1)
         return seq.ngrams.draft(room)
 
-    def _accept(self, seq: _Sequence, indices: list[int], draft: list[int]) -> int:
+    def _accept(self, seq: _Sequence, indices: list[int], draft: list[int], mask: Any = None) -> int:
         """Sample the outputs of one item in order, keeping drafts while the sampler agrees."""
         base = seq.n_past if seq.pending is None else seq.n_past + 1  # KV now holds pending too
         seq.pending = None
         kept = 0
         for i, index in enumerate(indices):
-            token = seq.sampler.sample(index)
+            token = seq.sampler.sample(index, mask)  # a constrained sequence has no drafts
             if not self._on_token(seq, token):
                 break  # finished: its slot is already released
             if i < len(draft) and token == draft[i]:
@@ -620,10 +679,18 @@ class ModelRunner:
         seq.completion_tokens += 1
         if seq.ngrams is not None:
             seq.ngrams.append(token)
-        delta = seq.text.feed(self.model.token_bytes(token))
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            self._finish(seq, "error", f"the output constraint refused token {token}: {seq.matcher.get_error()}")
+            return False
+        data = self.model.token_bytes(token)
+        logprob = seq.sampler.last_logprob
+        if logprob is not None:
+            top = tuple((self.model.token_bytes(t), p) for t, p in logprob.top)
+            seq.logprobs.append(TokenInfo(data, logprob.logprob, top))
+        delta = seq.text.feed(data)
         if delta.text:
-            seq.job.emit(TextEvent(delta.text))
-        if delta.stopped:
+            seq.job.emit(TextEvent(delta.text, self._take_logprobs(seq)))
+        if delta.stopped or (seq.matcher is not None and seq.matcher.is_stopped()):
             self._finish(seq, "stop")
         elif seq.completion_tokens >= seq.job.max_tokens:
             self._finish(seq, "length")
@@ -632,11 +699,20 @@ class ModelRunner:
             return True
         return False
 
+    @staticmethod
+    def _take_logprobs(seq: _Sequence) -> tuple[TokenInfo, ...]:
+        taken = tuple(seq.logprobs)
+        seq.logprobs.clear()
+        return taken
+
     def _finish(self, seq: _Sequence, reason: FinishReason, error: str | None = None) -> None:
         if reason in ("stop", "length"):
             tail = seq.text.finish()
             if tail.text:
-                seq.job.emit(TextEvent(tail.text))
+                seq.job.emit(TextEvent(tail.text, self._take_logprobs(seq)))
+        for other in seq.followers:  # ended before its prompt was done: they compute their own
+            other.leader = None
+        seq.followers = []
         job = seq.job
         event = FinishEvent(reason, len(job.tokens), seq.completion_tokens, error, seq.n_cached)
         job.emit(event)
@@ -671,7 +747,8 @@ class ModelRunner:
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
         for job in waiting:
-            job.emit(FinishEvent("shutdown", len(job.tokens), 0, message))
+            for each in (job, *job.followers):
+                each.emit(FinishEvent("shutdown", len(job.tokens), 0, message))
 
 
 class Scheduler:
@@ -763,15 +840,23 @@ class Scheduler:
         """Whether any model is generating or has requests waiting (shutdown waits for this)."""
         return any(s.active or s.queued for s in self.stats())
 
-    def prepare(self, request: GenerationRequest) -> tuple[ModelRunner, str | None, list[int], int]:
-        """Resolve the model (and adapter) id, render and tokenize the prompt and bound the completion
-        (blocking: run it off the loop)."""
+    def prepare(self, request: GenerationRequest) -> tuple[ModelRunner, Prepared]:
+        """Resolve the model (and adapter) id, render and tokenize the prompt, bound the completion
+        and compile its constraint (blocking: run it off the loop)."""
         runner, implied = self.target(request.model)
         model = runner.model
         field = "messages" if request.messages is not None else "prompt"  # what errors name
+        tool_format = None
+        grammar = request.grammar
         if request.messages is not None:
+            messages, definitions = list(request.messages), list[dict[str, Any]]()
+            if request.tools is not None or any(m.tool_calls or m.role == "tool" for m in messages):
+                tool_format = tools.detect_format(model.chat_template)
+                messages, definitions = tools.prompt_messages(messages, request.tools, tool_format)
+                if request.tools is not None:
+                    grammar = tools.grammar(request.tools, tool_format, request.grammar)
             try:
-                text = model.render_chat(request.messages)
+                text = model.render_chat(messages, definitions)
             except EngineError as exc:
                 raise InvalidPromptError(str(exc), field) from exc
             tokens = model.tokenize(text, add_special=True)
@@ -795,15 +880,54 @@ class Scheduler:
         if len(tokens) >= n_ctx or (request.max_tokens is not None and len(tokens) + request.max_tokens > n_ctx):
             raise ContextLengthError(n_ctx, len(tokens), request.max_tokens, field)
         max_tokens = request.max_tokens if request.max_tokens is not None else n_ctx - len(tokens)
-        return runner, implied, tokens, max_tokens
+        compiled = constraints.for_model(model).compile(grammar) if grammar is not None else None
+        if request.tools is None or request.tools.choice == "none":
+            tool_format = None  # no calls asked for (maybe some in the history): the answer is plain text
+        return runner, Prepared(tokens, max_tokens, implied, compiled, tool_format)
 
     async def submit(
         self, request: GenerationRequest, request_id: str | None = None, client: str | None = None
     ) -> Generation:
         """Queue a request; ``client`` (who sent it, for ``requests()``) defaults to ``submitted_by``."""
+        (generation,) = await self.submit_choices([request], request_id, client)
+        return generation
+
+    async def submit_choices(
+        self, requests: list[GenerationRequest], request_id: str | None = None, client: str | None = None
+    ) -> list[Generation]:
+        """Queue the ``n`` choices of one request (the same prompt; their sampling may differ).
+
+        Where the model has the slots for them, they are admitted together and the prompt is
+        computed once: the others copy its KV. Ids: ``request_id``, then ``request_id-1``...
+        """
         if not self._accepting:
             raise ShuttingDownError()
-        runner, implied, tokens, max_tokens = await asyncio.to_thread(self.prepare, request)
+        runner, prepared = await asyncio.to_thread(self.prepare, requests[0])
+        base = request_id or uuid.uuid4().hex
+        made = [
+            self._job(runner, prepared, r, base if i == 0 else f"{base}-{i}", client) for i, r in enumerate(requests)
+        ]
+        jobs = [job for job, _ in made]
+        groups = [jobs] if len(jobs) <= runner.model.facts.n_slots else [[job] for job in jobs]
+        submitted: list[_Job] = []
+        try:
+            for leader, *followers in groups:
+                leader.followers = followers
+                runner.submit(leader)
+                submitted.append(leader)
+        except BaseException:
+            for job in jobs:
+                if job in submitted:
+                    job.cancel.set()
+                else:
+                    runner.release_adapters(job.adapters)
+            raise
+        return [generation for _, generation in made]
+
+    def _job(
+        self, runner: ModelRunner, prepared: Prepared, request: GenerationRequest, job_id: str, client: str | None
+    ) -> tuple[_Job, Generation]:
+        implied = prepared.implied_adapter
         choices = self.adapter_choices(implied, request.adapters)
         adapters = runner.acquire_adapters(choices)
         queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -815,26 +939,23 @@ class Scheduler:
             to_client(event)
 
         shown = f"{runner.model_id}:{implied}" if implied else runner.model_id
-        generation = Generation(request_id or uuid.uuid4().hex, shown, len(tokens), queue)
+        generation = Generation(job_id, shown, len(prepared.tokens), queue)
         generation.base_model = runner.model_id
         generation.adapters = tuple((a.name, scale, a.sha256) for a, scale in adapters)
+        generation.tool_format = prepared.tool_format
         job = _Job(
             id=generation.id,
-            tokens=tokens,
+            tokens=prepared.tokens,
             request=request,
             sampling=dataclasses.replace(runner.sampling_defaults, **request.sampling),
-            max_tokens=max_tokens,
+            max_tokens=prepared.max_tokens,
             emit=emit,
             cancel=generation._cancel,
             adapters=adapters,
             client=submitted_by.get() if client is None else client,
+            grammar=prepared.grammar,
         )
-        try:
-            runner.submit(job)
-        except BaseException:
-            runner.release_adapters(adapters)
-            raise
-        return generation
+        return job, generation
 
     def begin_shutdown(self) -> None:
         """Stop accepting new requests; running ones go on until ``stop``."""

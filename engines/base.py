@@ -14,7 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
 
 
 class EngineError(Exception):
@@ -65,6 +68,8 @@ class SamplingParams:
     penalty_last_n: int = 64
     seed: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit before sampling)
+    # None: no log-probabilities; 0: the sampled token's; k: also the k most likely alternatives
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -169,10 +174,32 @@ class EngineCapabilities:
 
 @dataclass(frozen=True)
 class ChatMessage:
-    """One message of a conversation, already reduced to plain text."""
+    """One message of a conversation, its content already reduced to plain text.
+
+    ``tool_calls`` (an assistant's calls, OpenAI's shape with ``arguments`` parsed into a dict, as
+    chat templates expect them) and ``tool_call_id``/``name`` (a tool's result) are only set in
+    conversations with tool calling; a template that knows tools renders them its own way.
+    """
 
     role: str
     content: str
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+# Allowed tokens as a packed bitmask: bit ``t % 32`` of word ``t // 32`` set means token ``t`` may be
+# sampled (llguidance's layout, so its masks are used as they come).
+TokenMask = npt.NDArray[np.int32]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability, with the most likely alternatives (token, logprob)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -192,8 +219,14 @@ class BatchItem:
 class Sampler(Protocol):
     """A per-sequence sampler: holds its RNG and penalty history."""
 
-    def sample(self, output_index: int) -> int:
-        """Pick the next token from the logits at ``output_index`` of the last decode."""
+    def sample(self, output_index: int, allowed: TokenMask | None = None) -> int:
+        """Pick the next token from the logits at ``output_index`` of the last decode, among the
+        ``allowed`` tokens only when a mask is given (structured output)."""
+        ...
+
+    @property
+    def last_logprob(self) -> TokenLogprob | None:
+        """The last sampled token's log-probability, when the params asked for them."""
         ...
 
     def close(self) -> None: ...
@@ -220,8 +253,14 @@ class LoadedModel(Protocol):
     @property
     def facts(self) -> ModelFacts: ...
 
-    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
-        """Text to token ids; special-token text such as ``<|im_end|>`` is parsed as such."""
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        """Text to token ids; special-token text such as ``<|im_end|>`` is parsed as such unless
+        ``parse_special`` is False."""
+        ...
+
+    def vocabulary(self) -> list[bytes]:
+        """Every token's bytes by id; control tokens as their text behind a 0xFF byte (the
+        convention of llguidance, which builds its token trie from this)."""
         ...
 
     def token_bytes(self, token: int) -> bytes:
@@ -230,8 +269,14 @@ class LoadedModel(Protocol):
 
     def is_end_of_generation(self, token: int) -> bool: ...
 
-    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
-        """The prompt text for a conversation, ending where the assistant's turn starts."""
+    def render_chat(self, messages: Sequence[ChatMessage], tools: Sequence[dict[str, Any]] = ()) -> str:
+        """The prompt text for a conversation, ending where the assistant's turn starts; ``tools``
+        (OpenAI's function definitions) go to a template that renders them."""
+        ...
+
+    @property
+    def chat_template(self) -> str:
+        """The chat template's source (the fallback's when the model has none)."""
         ...
 
     def new_sampler(self, params: SamplingParams) -> Sampler: ...
@@ -249,6 +294,10 @@ class LoadedModel(Protocol):
 
     def truncate_slot(self, slot: int, n_keep: int) -> None:
         """Keep the KV of a slot's first ``n_keep`` positions and forget the rest (0 clears it)."""
+        ...
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        """Make slot ``dst`` hold what slot ``src`` holds (its KV as of the next ``decode``)."""
         ...
 
     def close(self) -> None: ...

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from engines.base import (
     AdapterLoadError,
     AdapterSet,
@@ -28,6 +30,8 @@ from engines.base import (
     ModelFacts,
     ModelLoadError,
     SamplingParams,
+    TokenLogprob,
+    TokenMask,
 )
 from engines.chat_template import ChatTemplate
 from engines.cpu_backends import BUILT_IN, BackendSelection, CpuBackendError, load_backends
@@ -224,12 +228,33 @@ def _quantization(file_type: str | None) -> str | None:
         return f"type {file_type}"
 
 
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities of the model's distribution (before temperature and the other settings)."""
+    x = logits.astype(np.float64)
+    finite = x[np.isfinite(x)]
+    top = float(finite.max()) if finite.size else 0.0
+    result: np.ndarray = x - (top + float(np.log(np.exp(finite - top).sum())))
+    return result
+
+
+def _top(logprobs: np.ndarray, k: int) -> tuple[tuple[int, float], ...]:
+    if k <= 0:
+        return ()
+    k = min(k, len(logprobs))
+    best = np.argpartition(-logprobs, k - 1)[:k]
+    best = best[np.argsort(-logprobs[best], kind="stable")]
+    return tuple((int(t), float(logprobs[t])) for t in best)
+
+
 class GgufSampler:
     """One sequence's llama.cpp sampler chain (logit bias -> penalties -> top-k -> top-p -> min-p -> temp -> dist)."""
 
     def __init__(self, lib: Any, ctx: Any, n_vocab: int, params: SamplingParams) -> None:
         self._lib = lib
         self._ctx = ctx
+        self._n_vocab = n_vocab
+        self._logprobs = params.logprobs
+        self.last_logprob: TokenLogprob | None = None
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         add = lib.llama_sampler_chain_add
         if params.logit_bias:  # first: OpenAI's bias is added to the model's logits, before anything else
@@ -262,9 +287,24 @@ class GgufSampler:
             add(chain, lib.llama_sampler_init_dist(seed))
         self._chain: Any = chain
 
-    def sample(self, output_index: int) -> int:
+    def sample(self, output_index: int, allowed: TokenMask | None = None) -> int:
+        if allowed is not None or self._logprobs is not None:
+            logits = self._logits(output_index)
+            if allowed is not None:
+                # the context's own logits buffer: -inf here is what every sampler of the chain sees
+                ok = np.unpackbits(allowed.view(np.uint8), bitorder="little", count=self._n_vocab).view(bool)
+                np.copyto(logits, -np.inf, where=~ok)
+            if self._logprobs is not None:
+                logprobs = _log_softmax(logits)
         # llama_sampler_sample also accepts the token into the chain (penalty history).
-        return int(self._lib.llama_sampler_sample(self._chain, self._ctx, output_index))
+        token = int(self._lib.llama_sampler_sample(self._chain, self._ctx, output_index))
+        if self._logprobs is not None:
+            self.last_logprob = TokenLogprob(token, float(logprobs[token]), _top(logprobs, self._logprobs))
+        return token
+
+    def _logits(self, output_index: int) -> np.ndarray:
+        pointer = self._lib.llama_get_logits_ith(self._ctx, output_index)
+        return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
 
     def close(self) -> None:
         if self._chain is not None:
@@ -408,17 +448,17 @@ class GgufModel:
             n = self._lib.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
         return buf.raw[:n]
 
-    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
         if add_special and self._bos_text and text.startswith(self._bos_text):
             add_special = False  # the chat template already wrote BOS: never double it
         data = text.encode("utf-8")
         cap = len(data) + 8
         buf = (self._lib.llama_token * cap)()
-        n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, True)
+        n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
         if n < 0:
             cap = -n
             buf = (self._lib.llama_token * cap)()
-            n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, True)
+            n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
         return list(buf[:n])
 
     def token_bytes(self, token: int) -> bytes:
@@ -431,8 +471,25 @@ class GgufModel:
     def is_end_of_generation(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
 
-    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
-        return self._template.render(messages)
+    def render_chat(self, messages: Sequence[ChatMessage], tools: Sequence[dict[str, Any]] = ()) -> str:
+        return self._template.render(messages, tools=tools)
+
+    @property
+    def chat_template(self) -> str:
+        return self._template.source
+
+    def vocabulary(self) -> list[bytes]:
+        lib, out = self._lib, []
+        control = lib.LLAMA_TOKEN_ATTR_CONTROL
+        user_defined = lib.LLAMA_TOKEN_ATTR_USER_DEFINED
+        for token in range(self._n_vocab):
+            piece = self._piece(token, special=True)
+            attr = lib.llama_vocab_get_attr(self._vocab, token)
+            # as llguidance's own llama.cpp reader marks them: control tokens, and added ones like <tool_call>
+            if attr & control or (attr & user_defined and piece.startswith(b"<") and piece.endswith(b">")):
+                piece = b"\xff" + piece
+            out.append(piece)
+        return out
 
     def new_sampler(self, params: SamplingParams) -> GgufSampler:
         return GgufSampler(self._lib, self._ctx, self._n_vocab, params)
@@ -505,6 +562,11 @@ class GgufModel:
 
     def truncate_slot(self, slot: int, n_keep: int) -> None:
         self._lib.llama_memory_seq_rm(self._memory, slot, n_keep if n_keep > 0 else -1, -1)
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        # Slots are separate KV streams (kv_unified off): llama.cpp copies a whole stream, and does
+        # the copy at the start of the next llama_decode, before that batch writes anything.
+        self._lib.llama_memory_seq_cp(self._memory, src, dst, -1, -1)
 
     def close(self) -> None:
         lib = self._lib

@@ -6,6 +6,7 @@ starts them, and are reached over real sockets with the official ``openai`` clie
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -134,3 +136,22 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
 def client(live_server: LiveServer):  # type: ignore[no-untyped-def]
     openai = pytest.importorskip("openai")
     return openai.OpenAI(base_url=live_server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@contextlib.contextmanager
+def scheduler_and_client(home: Path, **settings: Any) -> Iterator[tuple[Any, Any]]:
+    """A real scheduler with the default model (1024-token context, 4 slots unless ``settings`` say
+    otherwise) and the official ``openai`` client talking to the app in-process (no socket)."""
+    from fastapi.testclient import TestClient
+    from openai import OpenAI
+
+    from appliance.api.app import create_app
+    from appliance.bootstrap import build_scheduler
+    from appliance.config import Paths, Settings
+
+    sched = build_scheduler(Settings(**{"ctx_size": 1024, "parallel": 4, "threads": 2, **settings}), Paths(home))
+    try:
+        with TestClient(create_app(sched, Settings()), base_url="http://localhost") as http:
+            yield sched, OpenAI(base_url="http://localhost/v1", api_key="unused", http_client=http, max_retries=0)
+    finally:
+        sched.stop()

@@ -79,8 +79,17 @@ def test_malformed_json_is_400(http: TestClient, raw: bytes) -> None:
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
         ({"model": ""}, "model"),
         ({"stop": ["a"] * 17}, "stop"),
-        ({"n": 2}, "n"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"n": 100}, "n"),
+        ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools.0.function.name"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+            "response_format.json_schema.name",
+        ),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
             "messages.0.content.0.type",
@@ -163,7 +172,8 @@ def test_unsupported_completion_features(http: TestClient) -> None:
     assert_error(http.post("/v1/completions", json={**base, "prompt": []}), 400, param="prompt")
     assert_error(http.post("/v1/completions", json={**base, "prompt": [10**9]}), 400)
     assert_error(http.post("/v1/completions", json={**base, "suffix": "x"}), 400, param="suffix")
-    assert_error(http.post("/v1/completions", json={**base, "logprobs": 2}), 400, param="logprobs")
+    assert_error(http.post("/v1/completions", json={**base, "logprobs": 6}), 400, param="logprobs")
+    assert_error(http.post("/v1/completions", json={**base, "logprobs": True}), 400, param="logprobs")
     assert_error(http.post("/v1/completions", json={**base, "prompt": [1, 2], "echo": True}), 400, param="echo")
 
 
@@ -204,7 +214,7 @@ def test_api_key_enforced(scheduler: Scheduler) -> None:
         ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "unsupported_parameter"),
         ({"modalities": ["text", "audio"]}, "modalities", "unsupported_parameter"),
         ({"top_logprobs": 3}, "top_logprobs", None),
-        ({"logprobs": True, "top_logprobs": 3}, "logprobs", "unsupported_parameter"),
+        ({"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
         ({"parallel_tool_calls": False}, "parallel_tool_calls", None),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
@@ -225,8 +235,26 @@ def test_api_key_enforced(scheduler: Scheduler) -> None:
                     {"role": "user", "content": "and?"},
                 ]
             },
-            "messages.1.tool_calls",
-            "unsupported_parameter",
+            "messages.1.tool_calls.0.function",
+            None,
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "weather?"},
+                    {
+                        "role": "assistant",
+                        "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{x"}}],
+                    },
+                ]
+            },
+            "messages.1.tool_calls.0.function.arguments",
+            None,
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "42"}]},
+            "messages.1.tool_call_id",
+            None,
         ),
         ({"messages": [{"role": "user", "content": "x", "weight": 2}]}, "messages.0.weight", "unknown_parameter"),
     ],

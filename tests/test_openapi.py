@@ -35,6 +35,10 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
     ("get", "/v1/models/{model_id}"): {"200", "401"},
     ("post", "/v1/chat/completions"): {"200", "400", "401", "415", "503"},
     ("post", "/v1/completions"): {"200", "400", "401", "415", "503"},
+    ("post", "/v1/responses"): {"200", "400", "401", "415", "503"},
+    ("get", "/v1/responses/{response_id}"): {"200", "400", "401"},
+    ("delete", "/v1/responses/{response_id}"): {"200", "401", "415"},
+    ("get", "/v1/responses/{response_id}/input_items"): {"200", "400", "401"},
     ("get", "/v1/appliance/logs"): {"200", "400", "401"},
     ("get", "/v1/appliance/logs/{record_id}"): {"200", "401"},
     ("post", "/v1/appliance/logs/{record_id}/feedback"): {"200", "400", "401", "415"},
@@ -144,7 +148,7 @@ def test_error_responses_are_openai_error_bodies(schema: dict[str, Any]) -> None
 
 
 def test_generation_routes(schema: dict[str, Any]) -> None:
-    for path in ("/v1/chat/completions", "/v1/completions"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
         responses = schema["paths"][path]["post"]["responses"]
         assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
         overloaded = resolve(schema, responses["503"])

@@ -23,12 +23,14 @@ from appliance.api.models import router as models_router
 from appliance.api.openapi import install_openapi
 from appliance.api.recording import record_invalid
 from appliance.api.requests import install as install_requests
+from appliance.api.responses import router as responses_router
 from appliance.api.routes import router, v1
 from appliance.api.settings import router as settings_router
 from appliance.config import Paths, Settings
 from appliance.hardware.report import HardwareReport
 from appliance.lora.sync import AdapterSync
 from appliance.requestlog.writer import DisabledLog, RequestLog
+from appliance.responses_store import ResponseStore
 from appliance.scheduler import Scheduler
 
 
@@ -40,6 +42,7 @@ def create_app(
     hardware: HardwareReport | None = None,
     paths: Paths | None = None,
     sources: Mapping[str, str] | None = None,
+    responses: ResponseStore | None = None,
 ) -> FastAPI:
     app = FastAPI(
         title="LLM appliance",
@@ -52,12 +55,14 @@ def create_app(
     app.state.loras = loras
     app.state.hardware = hardware
     app.state.paths = paths  # the home, whose config.toml the settings route reads and writes
+    app.state.responses = responses or ResponseStore(None)  # /v1/responses' store; in memory without a home
     app.state.sources = sources  # where each setting came from (config.load_settings_with_sources), if known
     app.state.started = int(time.time())
     app.state.refusals = Counter()  # edge refusals by code, for /metrics
     app.state.metrics = metrics_registry(scheduler, app.state.request_log, app.state.refusals)
     app.include_router(router)
     app.include_router(v1)
+    app.include_router(responses_router)
     app.include_router(logs_router)
     app.include_router(loras_router)
     app.include_router(hardware_router)

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from appliance.api.errors import APIError
+from appliance.api import structured
+from appliance.api.errors import APIError, unknown_parameter, unsupported_parameter
 from appliance.api.protocol import ChatCompletionRequest, CompletionRequest, PromptTokensDetails, Usage, _Sampling
 from appliance.generation import FinishEvent, GenerationRequest
 from engines.base import ChatMessage
@@ -40,37 +41,20 @@ _ACCEPTED_EXTRAS = frozenset(
 )
 
 
-def _unsupported(param: str, message: str) -> APIError:
-    return APIError(400, message, param=param, code="unsupported_parameter")
-
-
-def _unknown(param: str) -> APIError:
-    return APIError(
-        400,
-        f"Unrecognized request argument supplied: {param}. The README lists every parameter this server takes.",
-        param=param,
-        code="unknown_parameter",
-    )
-
-
 def _no_unknown_fields(req: _Sampling) -> None:
     """A field we do not know is refused by name: silently ignoring it gives a different answer than asked."""
     extras = req.model_extra or {}
     if "audio" in extras:
-        raise _unsupported("audio", "Audio output is not supported: this server generates text.")
+        raise unsupported_parameter("audio", "Audio output is not supported: this server generates text.")
     if "modalities" in extras and extras["modalities"] != ["text"]:
-        raise _unsupported("modalities", "Only the 'text' modality is supported.")
+        raise unsupported_parameter("modalities", "Only the 'text' modality is supported.")
     for name in extras:
         if name not in _ACCEPTED_EXTRAS and name != "modalities":
-            raise _unknown(name)
+            raise unknown_parameter(name)
 
 
 def _common_checks(req: _Sampling) -> None:
     _no_unknown_fields(req)
-    if req.n is not None and req.n > 1:
-        raise _unsupported("n", "n > 1 is not supported: send separate requests (they are batched together).")
-    if req.logprobs:
-        raise _unsupported("logprobs", "logprobs are not supported yet.")
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true.", param="stream_options")
 
@@ -130,7 +114,7 @@ def _message_text(index: int, content: Any) -> str:
     texts = []
     for j, part in enumerate(content):
         if part.type != "text" or part.text is None:
-            raise _unsupported(
+            raise unsupported_parameter(
                 f"messages.{index}.content.{j}.type",
                 f"Content part type '{part.type}' is not supported by this model; only 'text'.",
             )
@@ -138,57 +122,94 @@ def _message_text(index: int, content: Any) -> str:
     return "\n".join(texts)
 
 
-def chat_request(req: ChatCompletionRequest) -> GenerationRequest:
-    _common_checks(req)
-    if req.tools or req.functions:
-        raise _unsupported("tools", "Tool and function calling are not supported yet.")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise _unsupported("response_format", "Only response_format type 'text' is supported yet.")
+def _chat_logprobs(req: ChatCompletionRequest) -> int | None:
+    """Chat's ``logprobs`` (a boolean) and ``top_logprobs`` (0-20 alternatives) as one count."""
+    if req.logprobs is not None and not isinstance(req.logprobs, bool):
+        raise APIError(400, "logprobs must be a boolean for chat completions.", param="logprobs")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true.", param="top_logprobs")
-    if req.parallel_tool_calls is not None and not req.tools:
-        raise APIError(400, "parallel_tool_calls is only allowed when tools are given.", param="parallel_tool_calls")
-    messages = []
+    return (req.top_logprobs or 0) if req.logprobs else None
+
+
+def _messages(req: ChatCompletionRequest) -> list[ChatMessage]:
+    messages: list[ChatMessage] = []
+    call_names: dict[str, str] = {}  # tool call id -> function name, for the tool results that follow
     for i, msg in enumerate(req.messages):
-        if msg.role in ("tool", "function"):
-            raise _unsupported(f"messages.{i}.role", f"Role '{msg.role}' needs tool calling, not supported yet.")
         extras = msg.model_extra or {}
-        if extras.get("tool_calls") or extras.get("function_call"):
-            field = "tool_calls" if extras.get("tool_calls") else "function_call"
-            raise _unsupported(
-                f"messages.{i}.{field}", "Tool calls in the history need tool calling, not supported yet."
-            )
         for name in extras:
-            if name not in ("tool_calls", "function_call", "refusal"):  # refusal: an earlier answer echoed back
-                raise _unknown(f"messages.{i}.{name}")
+            if name not in ("tool_calls", "tool_call_id", "function_call", "refusal"):  # refusal: echoed back
+                raise unknown_parameter(f"messages.{i}.{name}")
+        if msg.role == "function" or extras.get("function_call"):
+            param = f"messages.{i}.role" if msg.role == "function" else f"messages.{i}.function_call"
+            raise unsupported_parameter(
+                param, "The deprecated function-calling messages are not supported: use tool calls."
+            )
+        calls: tuple[dict[str, Any], ...] = ()
+        if extras.get("tool_calls"):
+            if msg.role != "assistant":
+                raise APIError(400, "Only assistant messages carry tool_calls.", param=f"messages.{i}.tool_calls")
+            calls = structured.history_tool_calls(i, extras["tool_calls"])
+            call_names.update((c["id"], c["function"]["name"]) for c in calls)
         if msg.content is None and msg.role != "assistant":
             raise APIError(400, f"A '{msg.role}' message needs content.", param=f"messages.{i}.content")
+        if msg.content is None and not calls and msg.role == "assistant" and not extras.get("refusal"):
+            raise APIError(400, "An assistant message needs content or tool_calls.", param=f"messages.{i}.content")
+        call_id: str | None = None
+        if msg.role == "tool":
+            call_id = extras.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise APIError(
+                    400, "A tool message needs the tool_call_id it answers.", param=f"messages.{i}.tool_call_id"
+                )
+        elif "tool_call_id" in extras:
+            raise unknown_parameter(f"messages.{i}.tool_call_id")
         role = "system" if msg.role == "developer" else msg.role
-        messages.append(ChatMessage(role, _message_text(i, msg.content)))
+        function = (call_names.get(call_id) or msg.name) if call_id else msg.name
+        messages.append(ChatMessage(role, _message_text(i, msg.content), calls, call_id, function))
+    return messages
+
+
+def chat_request(req: ChatCompletionRequest) -> GenerationRequest:
+    _common_checks(req)
+    sampling = sampling_overrides(req)
+    logprobs = _chat_logprobs(req)
+    if logprobs is not None:
+        sampling["logprobs"] = logprobs
+    tools = structured.tool_request(req)
+    grammar = structured.response_format(req.response_format)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     return GenerationRequest(
         model=req.model,
-        sampling=sampling_overrides(req),
-        messages=tuple(messages),
+        sampling=sampling,
+        messages=tuple(_messages(req)),
         max_tokens=max_tokens,
         stop=stop_strings(req.stop),
         adapters=lora_choices(req),
+        grammar=grammar,
+        tools=tools,
     )
 
 
 def completion_requests(req: CompletionRequest) -> list[GenerationRequest]:
     """One internal request per prompt (a list of prompts gives one choice each)."""
     _common_checks(req)
+    if req.logprobs is not None and (isinstance(req.logprobs, bool) or not isinstance(req.logprobs, int)):
+        raise APIError(400, "logprobs must be an integer from 0 to 5 for completions.", param="logprobs")
+    if req.logprobs is not None and not 0 <= req.logprobs <= 5:
+        raise APIError(400, "logprobs must be an integer from 0 to 5 for completions.", param="logprobs")
     if req.best_of is not None and req.best_of > 1:
-        raise _unsupported("best_of", "best_of > 1 is not supported.")
+        raise unsupported_parameter("best_of", "best_of > 1 is not supported.")
     if req.suffix:
-        raise _unsupported("suffix", "suffix (fill-in-the-middle) is not supported yet.")
+        raise unsupported_parameter("suffix", "suffix (fill-in-the-middle) is not supported yet.")
     prompt = req.prompt
     if isinstance(prompt, list) and not prompt:
         raise APIError(400, "prompt must not be empty.", param="prompt")
+    sampling = sampling_overrides(req)
+    if req.logprobs is not None:
+        sampling["logprobs"] = req.logprobs
     common: dict[str, Any] = {
         "model": req.model,
-        "sampling": sampling_overrides(req),
+        "sampling": sampling,
         "max_tokens": req.max_tokens if req.max_tokens is not None else LEGACY_COMPLETIONS_MAX_TOKENS,
         "stop": stop_strings(req.stop),
         "adapters": lora_choices(req),
@@ -207,13 +228,15 @@ def completion_requests(req: CompletionRequest) -> list[GenerationRequest]:
     return [GenerationRequest(prompt_tokens=tuple(p), **common) for p in lists]
 
 
-def usage(finishes: Sequence[FinishEvent]) -> Usage:
-    """Token counts of one response (several finishes for a multi-prompt completion)."""
-    prompt = sum(f.prompt_tokens for f in finishes)
+def usage(finishes: Sequence[FinishEvent], per_prompt: int = 1) -> Usage:
+    """Token counts of one response: several finishes for several prompts or choices, in choice
+    order; the ``per_prompt`` choices of one prompt count its tokens once, as OpenAI counts them."""
+    firsts = finishes[::per_prompt]
+    prompt = sum(f.prompt_tokens for f in firsts)
     completion = sum(f.completion_tokens for f in finishes)
     return Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=prompt + completion,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(f.cached_tokens for f in finishes)),
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(f.cached_tokens for f in firsts)),
     )

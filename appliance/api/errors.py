@@ -136,3 +136,18 @@ def install_error_handlers(app: FastAPI, on_invalid: Callable[[Request, Any, int
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return _json(APIError(500, "The server had an error while processing your request.", type="server_error"))
+
+
+def unsupported_parameter(param: str, message: str) -> APIError:
+    """A parameter this server knows but does not honour (or not with this value)."""
+    return APIError(400, message, param=param, code="unsupported_parameter")
+
+
+def unknown_parameter(param: str) -> APIError:
+    """A field this server does not know: refused, never silently ignored."""
+    return APIError(
+        400,
+        f"Unrecognized request argument supplied: {param}. The README lists every parameter this server takes.",
+        param=param,
+        code="unknown_parameter",
+    )

@@ -29,6 +29,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from appliance.api.loras import AddAdapter
 from appliance.api.protocol import ChatCompletion, Completion, ErrorResponse
+from appliance.api.responses_protocol import ResponseObject
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "pa
 STATE_CHANGING = frozenset({"post", "put", "patch", "delete"})
 LORAS = "/v1/appliance/loras"
 # the routes that queue a generation, so the only ones that answer "come back later"
-GENERATIONS = frozenset({"/v1/chat/completions", "/v1/completions"})
+GENERATIONS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 # the models the post-processing refers to, with the side of the wire each is on
 MODELS: tuple[tuple[type[BaseModel], JsonSchemaMode], ...] = (
     (ErrorResponse, "serialization"),
@@ -152,8 +153,9 @@ COMPONENT_RESPONSES: dict[str, JsonObject] = {
     ),
     "Forbidden": _error_response(FORBIDDEN, FORBIDDEN_EXAMPLES),
     "NotFound": _error_response(
-        "The model, adapter or log record named does not exist (`model_not_found`, `lora_not_found`, "
-        "`log_not_found`), the feature is off on this server, or the URL is unknown (`not_found`).",
+        "The model, adapter, log record or stored response named does not exist (`model_not_found`, "
+        "`lora_not_found`, `log_not_found`, `response_not_found`), the feature is off on this server, or the URL "
+        "is unknown (`not_found`).",
         {
             "model_not_found": _error(
                 "The model 'gpt-17' does not exist or is not loaded. Loaded models: smollm2-135m-instruct.",
@@ -277,6 +279,34 @@ def _generation_ok(model: type[BaseModel], chunk: str) -> JsonObject:
 ROUTE_RESPONSES: dict[tuple[str, str], dict[str, JsonObject]] = {
     ("post", "/v1/chat/completions"): {"200": _generation_ok(ChatCompletion, "chat.completion.chunk")},
     ("post", "/v1/completions"): {"200": _generation_ok(Completion, "text_completion")},
+    ("post", "/v1/responses"): {
+        "200": {
+            "description": "The response; with `stream: true`, a `text/event-stream` of Responses events instead.",
+            "content": {
+                # FastAPI documents it already: GET /v1/responses/{id} answers one
+                "application/json": {"schema": {"$ref": SCHEMAS + ResponseObject.__name__}},
+                "text/event-stream": {
+                    "schema": {
+                        "type": "string",
+                        "description": "With `stream: true`: server-sent events, each an `event: <type>` line and a "
+                        "`data:` line with that `type` and a `sequence_number`, from `response.created` to "
+                        "`response.completed` (or `response.incomplete`, `response.failed`); no `[DONE]`.",
+                    }
+                },
+            },
+        },
+        "404": _error_response(
+            "The model named does not exist (`model_not_found`), or `previous_response_id` names a response that "
+            "was not stored or was deleted (`previous_response_not_found`).",
+            {
+                "previous_response_not_found": _error(
+                    "Previous response with id 'resp_123' not found.",
+                    param="previous_response_id",
+                    code="previous_response_not_found",
+                )
+            },
+        ),
+    },
     ("get", "/health"): {
         "200": {
             "description": "The server is up; the load of each model and the request log's state.",

@@ -178,7 +178,11 @@ class Exchange:
         )
 
 
-LOGGED_PATHS = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions"}
+LOGGED_PATHS = {
+    "/v1/chat/completions": "chat.completions",
+    "/v1/completions": "completions",
+    "/v1/responses": "responses",
+}
 
 
 def record_invalid(request: Request, body: Any, status: int, message: str) -> None:

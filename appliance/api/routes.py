@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -10,14 +11,13 @@ from fastapi.responses import JSONResponse, Response
 
 from appliance import __version__
 from appliance.api import convert
+from appliance.api.answers import chat_choice, completion_logprobs
 from appliance.api.edge import request_id, require_api_key, set_response_id
 from appliance.api.errors import APIError
 from appliance.api.metrics import render
 from appliance.api.protocol import (
-    ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
-    ChatMessageOut,
     Completion,
     CompletionChoice,
     CompletionRequest,
@@ -30,7 +30,7 @@ from appliance.api.streaming import (
     chat_chunks,
     completion_chunks,
     event_stream,
-    finish_error,
+    raise_if_failed,
 )
 from appliance.generation import FinishEvent, Generation, GenerationRequest
 from appliance.scheduler import Scheduler
@@ -49,15 +49,6 @@ def _fingerprint(request: Request, model: str) -> str | None:
     file (its sha256's start) and this build; a client that caches answers keys on it."""
     sha = _scheduler(request).resolve(model).provenance.get("model_sha256")
     return f"fp_{sha[:10]}_{__version__}" if sha else None
-
-
-def _raise_if_failed(finish: FinishEvent) -> None:
-    error = finish_error(finish)
-    if error is not None:
-        detail = error["error"]
-        status = 500 if finish.finish_reason == "error" else 503
-        headers = {"Retry-After": "5"} if status == 503 else None
-        raise APIError(status, detail["message"], type=detail["type"], code=detail["code"], headers=headers)
 
 
 @router.get("/health")
@@ -108,6 +99,16 @@ async def get_model(model_id: str, request: Request) -> ModelCard:
     return ModelCard(id=f"{runner.model_id}:{adapter}", created=created, parent=runner.model_id)
 
 
+def _choices(internal: GenerationRequest, n: int) -> list[GenerationRequest]:
+    """``n`` requests for ``n`` choices; with a seed, choice i samples with seed + i (distinct, repeatable)."""
+    if n == 1:
+        return [internal]
+    seed = internal.sampling.get("seed")
+    if seed is None:
+        return [internal] * n
+    return [dataclasses.replace(internal, sampling={**internal.sampling, "seed": seed + i}) for i in range(n)]
+
+
 @v1.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response | ChatCompletion:
     response_id = f"chatcmpl-{request_id(request)}"
@@ -115,19 +116,25 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     exchange = Exchange(request, "chat.completions", body, response_id)
     try:
         internal = convert.chat_request(body)
+        internals = _choices(internal, body.n or 1)
         exchange.requests.append(internal)
+        _check_capacity(request, body.model, len(internals), "n")
         created = int(time.time())
-        gen = await _scheduler(request).submit(internal, response_id)
-        exchange.generations.append(gen)
+        gens = await _submit_all(_scheduler(request), internals, response_id, len(internals))
+        exchange.generations.extend(gens)
+        logprobs = internal.sampling.get("logprobs") is not None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             chunks = chat_chunks(
-                gen, created=created, include_usage=include_usage, fingerprint=_fingerprint(request, gen.model)
+                gens,
+                response_id=response_id,
+                created=created,
+                include_usage=include_usage,
+                fingerprint=_fingerprint(request, gens[0].model),
+                logprobs=logprobs,
             )
-            return event_stream(request, [gen], chunks, on_end=exchange.stream_ended)
-        async with cancel_on_disconnect(request, [gen]):
-            text, finish = await gen.collect()
-        _raise_if_failed(finish)
+            return event_stream(request, gens, chunks, on_end=exchange.stream_ended)
+        results = await _collect_all(request, gens)
     except BaseException as exc:
         exchange.failed(exc)
         raise
@@ -135,18 +142,48 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     return ChatCompletion(
         id=response_id,
         created=created,
-        model=gen.model,
-        choices=[ChatChoice(index=0, message=ChatMessageOut(content=text), finish_reason=finish.finish_reason)],
-        usage=convert.usage([finish]),
-        system_fingerprint=_fingerprint(request, gen.model),
+        model=gens[0].model,
+        choices=[
+            chat_choice(i, gen, text, finish, logprobs)
+            for i, (gen, (text, finish)) in enumerate(zip(gens, results, strict=True))
+        ],
+        usage=convert.usage([f for _, f in results], per_prompt=len(gens)),
+        system_fingerprint=_fingerprint(request, gens[0].model),
     )
 
 
-async def _submit_all(scheduler: Scheduler, requests: list[GenerationRequest], response_id: str) -> list[Generation]:
+def _check_capacity(request: Request, model: str, count: int, param: str) -> None:
+    """One API request asking for more generations than a model can ever hold at once is a 400."""
+    capacity = _scheduler(request).capacity(model)
+    if count > capacity:
+        raise APIError(
+            400,
+            f"Too many choices in one request: {count}, and this server holds at most {capacity} "
+            f"requests for '{model}' at once. Send them in several requests.",
+            param=param,
+            code="too_many_prompts" if param == "prompt" else "too_many_choices",
+        )
+
+
+async def _collect_all(request: Request, gens: list[Generation]) -> list[tuple[str, FinishEvent]]:
+    results: list[tuple[str, FinishEvent]] = []
+    async with cancel_on_disconnect(request, gens):
+        for gen in gens:
+            results.append(await gen.collect())
+    for _, finish in results:
+        raise_if_failed(finish)
+    return results
+
+
+async def _submit_all(
+    scheduler: Scheduler, requests: list[GenerationRequest], response_id: str, n: int = 1
+) -> list[Generation]:
+    """Submit every prompt's ``n`` choices (consecutive in ``requests``), each prompt's together."""
     gens: list[Generation] = []
     try:
-        for i, internal in enumerate(requests):
-            gens.append(await scheduler.submit(internal, response_id if i == 0 else f"{response_id}-{i}"))
+        for i in range(0, len(requests), n):
+            request_id = response_id if i == 0 else f"{response_id}-{i}"
+            gens.extend(await scheduler.submit_choices(requests[i : i + n], request_id))
     except BaseException:
         for gen in gens:
             gen.cancel()
@@ -160,22 +197,18 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
     set_response_id(request, response_id)
     exchange = Exchange(request, "completions", body, response_id)
     try:
-        internals = convert.completion_requests(body)
-        exchange.requests.extend(internals)
-        capacity = _scheduler(request).capacity(body.model)
-        if len(internals) > capacity:
-            raise APIError(
-                400,
-                f"Too many prompts in one request: {len(internals)}, and this server holds at most {capacity} "
-                f"requests for '{body.model}' at once. Send them in several requests.",
-                param="prompt",
-                code="too_many_prompts",
-            )
+        prompts = convert.completion_requests(body)
+        n = body.n or 1
+        # OpenAI's order: the n choices of the first prompt, then those of the next
+        internals = [choice for internal in prompts for choice in _choices(internal, n)]
+        exchange.requests.extend(prompts)
+        _check_capacity(request, body.model, len(internals), "prompt" if n == 1 else "n")
         if body.echo and any(r.prompt is None for r in internals):
             raise APIError(400, "echo is supported for text prompts only.", param="echo", code="unsupported_parameter")
         echo = [r.prompt or "" for r in internals] if body.echo else [""] * len(internals)
+        logprobs = internals[0].sampling.get("logprobs")
         created = int(time.time())
-        gens = await _submit_all(_scheduler(request), internals, response_id)
+        gens = await _submit_all(_scheduler(request), internals, response_id, n)
         exchange.generations.extend(gens)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -186,27 +219,31 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
                 include_usage=include_usage,
                 echo=echo,
                 fingerprint=_fingerprint(request, gens[0].model),
+                logprobs=logprobs,
+                per_prompt=n,
             )
             return event_stream(request, gens, chunks, on_end=exchange.stream_ended)
-        results: list[tuple[str, FinishEvent]] = []
-        async with cancel_on_disconnect(request, gens):
-            for gen in gens:
-                results.append(await gen.collect())
-        for _, finish in results:
-            _raise_if_failed(finish)
+        results = await _collect_all(request, gens)
     except BaseException as exc:
         exchange.failed(exc)
         raise
     exchange.finished()
     choices: list[Any] = [
-        CompletionChoice(index=i, text=echo[i] + text, finish_reason=finish.finish_reason)
-        for i, (text, finish) in enumerate(results)
+        CompletionChoice(
+            index=i,
+            text=echo[i] + text,
+            finish_reason=finish.finish_reason,
+            logprobs=completion_logprobs(gen.logprobs, len(echo[i]), with_top=logprobs > 0)
+            if logprobs is not None
+            else None,
+        )
+        for i, (gen, (text, finish)) in enumerate(zip(gens, results, strict=True))
     ]
     return Completion(
         id=response_id,
         created=created,
         model=gens[0].model,
         choices=choices,
-        usage=convert.usage([f for _, f in results]),
+        usage=convert.usage([f for _, f in results], per_prompt=body.n or 1),
         system_fingerprint=_fingerprint(request, gens[0].model),
     )

@@ -18,9 +18,11 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from appliance.api.answers import chat_logprobs, completion_logprobs, finish_reason, tool_call_deltas
 from appliance.api.convert import usage
-from appliance.api.errors import error_body
-from appliance.generation import Event, FinishEvent, Generation, TextEvent
+from appliance.api.errors import APIError, error_body
+from appliance.generation import Event, FinishEvent, Generation, TextEvent, TokenInfo
+from appliance.tools import ToolCall, ToolCallStream
 
 DISCONNECT_POLL_S = 0.2
 DONE = "data: [DONE]\n\n"
@@ -50,6 +52,16 @@ def finish_error(finish: FinishEvent) -> dict[str, Any] | None:
             code="cancelled",
         )
     return None
+
+
+def raise_if_failed(finish: FinishEvent) -> None:
+    """A whole (not streamed) answer whose generation did not end normally: its error response."""
+    error = finish_error(finish)
+    if error is not None:
+        detail = error["error"]
+        status = 500 if finish.finish_reason == "error" else 503
+        headers = {"Retry-After": "5"} if status == 503 else None
+        raise APIError(status, detail["message"], type=detail["type"], code=detail["code"], headers=headers)
 
 
 @contextlib.asynccontextmanager
@@ -121,43 +133,83 @@ def event_stream(
 
 
 async def chat_chunks(
-    gen: Generation, *, created: int, include_usage: bool, fingerprint: str | None = None
+    gens: Sequence[Generation],
+    *,
+    response_id: str,
+    created: int,
+    include_usage: bool,
+    fingerprint: str | None = None,
+    logprobs: bool = False,
 ) -> AsyncIterator[str]:
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> str:
+    """The chunks of ``n`` choices (one generation each), interleaved as their tokens come.
+
+    With tools, a choice's text goes through its ``ToolCallStream``: content is passed on as it
+    comes, each tool call as one delta once it is complete (index, id, name and arguments).
+    """
+
+    def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None, lp: Any = None) -> str:
         data: dict[str, Any] = {
-            "id": gen.id,
+            "id": response_id,
             "object": "chat.completion.chunk",
             "created": created,
-            "model": gen.model,
+            "model": gens[0].model,
             "system_fingerprint": fingerprint,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}],
         }
         if include_usage:
             data["usage"] = None
         return sse(data)
 
-    yield chunk({"role": "assistant", "content": ""})
-    async for event in gen.events():
+    streams = [ToolCallStream(g.tool_format) if g.tool_format is not None else None for g in gens]
+    n_calls = [0] * len(gens)
+    held: list[list[TokenInfo]] = [[] for _ in gens]  # logprobs of text not passed on yet (a call's)
+
+    def pieces(index: int, content: str, calls: list[ToolCall]) -> list[str]:
+        out = []
+        lp = chat_logprobs(held[index]).model_dump() if logprobs and held[index] and (content or calls) else None
+        if content:
+            out.append(chunk(index, {"content": content}, lp=lp))
+        if calls:
+            out.append(
+                chunk(index, {"tool_calls": tool_call_deltas(calls, n_calls[index])}, lp=None if content else lp)
+            )
+            n_calls[index] += len(calls)
+        if content or calls:
+            held[index] = []
+        return out
+
+    for index in range(len(gens)):
+        yield chunk(index, {"role": "assistant", "content": ""})
+    finishes: list[FinishEvent] = []
+    async for index, event in merged_events(gens):
+        stream = streams[index]
         if isinstance(event, TextEvent):
-            yield chunk({"content": event.text})
+            held[index].extend(event.logprobs)
+            content, calls = stream.feed(event.text) if stream is not None else (event.text, [])
+            for piece in pieces(index, content, calls):
+                yield piece
             continue
         error = finish_error(event)
         if error is not None:
             yield sse(error)
             return
-        yield chunk({}, event.finish_reason)
-        if include_usage:
-            yield sse(
-                {
-                    "id": gen.id,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": gen.model,
-                    "system_fingerprint": fingerprint,
-                    "choices": [],
-                    "usage": usage([event]).model_dump(),
-                }
-            )
+        if stream is not None:
+            for piece in pieces(index, *stream.finish()):
+                yield piece
+        finishes.append(event)
+        yield chunk(index, {}, finish_reason(event, n_calls[index] > 0))
+    if include_usage:
+        yield sse(
+            {
+                "id": response_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": gens[0].model,
+                "system_fingerprint": fingerprint,
+                "choices": [],
+                "usage": usage(finishes, per_prompt=len(gens)).model_dump(),
+            }
+        )
     yield DONE
 
 
@@ -169,15 +221,23 @@ async def completion_chunks(
     include_usage: bool,
     echo: Sequence[str],
     fingerprint: str | None = None,
+    logprobs: int | None = None,
+    per_prompt: int = 1,
 ) -> AsyncIterator[str]:
-    def chunk(index: int, text: str, finish_reason: str | None = None) -> str:
+    offsets = [len(e) for e in echo]  # where each choice's next token starts in its text
+
+    def chunk(index: int, text: str, finish_reason: str | None = None, infos: Sequence[TokenInfo] = ()) -> str:
+        lp = None
+        if logprobs is not None and infos:
+            lp = completion_logprobs(infos, offsets[index], with_top=logprobs > 0).model_dump()
+        offsets[index] += len(text)
         data: dict[str, Any] = {
             "id": response_id,
             "object": "text_completion",
             "created": created,
             "model": gens[0].model,
             "system_fingerprint": fingerprint,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}],
         }
         if include_usage:
             data["usage"] = None
@@ -185,17 +245,18 @@ async def completion_chunks(
 
     for index, prefix in enumerate(echo):
         if prefix:
+            offsets[index] = 0
             yield chunk(index, prefix)
-    finishes: list[FinishEvent] = []
+    finishes: dict[int, FinishEvent] = {}
     async for index, event in merged_events(gens):
         if isinstance(event, TextEvent):
-            yield chunk(index, event.text)
+            yield chunk(index, event.text, infos=event.logprobs)
             continue
         error = finish_error(event)
         if error is not None:
             yield sse(error)
             return
-        finishes.append(event)
+        finishes[index] = event
         yield chunk(index, "", event.finish_reason)
     if include_usage:
         yield sse(
@@ -206,7 +267,7 @@ async def completion_chunks(
                 "model": gens[0].model,
                 "system_fingerprint": fingerprint,
                 "choices": [],
-                "usage": usage(finishes).model_dump(),
+                "usage": usage([finishes[i] for i in sorted(finishes)], per_prompt).model_dump(),
             }
         )
     yield DONE

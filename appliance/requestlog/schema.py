@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from appliance.sqlitemigrate import apply_migrations
+
 if TYPE_CHECKING:  # imported where a database is opened: the CLI starts faster without it
     from sqlite_utils import Database
 
@@ -126,22 +128,11 @@ def write(db: Database) -> Iterator[None]:
 
 def migrate(conn: sqlite3.Connection) -> int:
     """Apply the migrations this database lacks, each in its own transaction; return the version."""
-    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    if version > SCHEMA_VERSION:
-        raise LogDatabaseError(
+
+    def too_new(version: int) -> LogDatabaseError:
+        return LogDatabaseError(
             f"the request log has schema version {version}, newer than this appliance's {SCHEMA_VERSION}: "
             "upgrade the appliance or point it at another log file"
         )
-    for number in range(version, SCHEMA_VERSION):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if int(conn.execute("PRAGMA user_version").fetchone()[0]) == number:  # not done by another process
-                for statement in MIGRATIONS[number].split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {number + 1}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-    return SCHEMA_VERSION
+
+    return apply_migrations(conn, MIGRATIONS, too_new)

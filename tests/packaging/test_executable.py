@@ -171,6 +171,27 @@ def test_serves_the_openai_client_chat_and_stream(appliance_file: Path, fresh_ho
             if chunk.choices
         ]
         assert "".join(pieces) == text  # streamed and whole answers are the same greedy answer
+        # structured output and tool calls: the constraint library (llguidance) is in the file too
+        schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}
+        fmt = {"type": "json_schema", "json_schema": {"name": "place", "schema": schema, "strict": True}}
+        answer = client.chat.completions.create(
+            model=MODEL_ID,
+            messages=asked,
+            max_tokens=30,
+            temperature=0,
+            response_format=fmt,  # type: ignore[arg-type]
+        )
+        assert set(json.loads(answer.choices[0].message.content or "")) == {"city"}
+        tool = {"type": "function", "function": {"name": "find", "parameters": schema}}
+        answer = client.chat.completions.create(
+            model=MODEL_ID,
+            messages=asked,
+            max_tokens=30,
+            temperature=0,
+            tools=[tool],
+            tool_choice="required",  # type: ignore[arg-type, list-item]
+        )
+        assert answer.choices[0].finish_reason == "tool_calls"
     assert server.process.returncode == 0, "".join(server.lines)
 
 
