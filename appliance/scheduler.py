@@ -715,7 +715,6 @@ class ModelRunner:
         seq.followers = []
         job = seq.job
         event = FinishEvent(reason, len(job.tokens), seq.completion_tokens, error, seq.n_cached)
-        job.emit(event)
         seq.sampler.close()
         slot = seq.slot
         # rows of a long prompt are long-path rows: a shorter cache would pass for short-path rows
@@ -735,6 +734,7 @@ class ModelRunner:
             c["cache_hits"] += 1 if seq.n_cached else 0
             c["completion_tokens"] += seq.completion_tokens
             self._finished.append(self._snapshot(job, seq, event))
+        job.emit(event)  # last: a client that sees its answer end sees the counters and the free slot too
 
     def _fail_all(self, message: str) -> None:
         for seq in list(self._active.values()):
