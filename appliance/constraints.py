@@ -108,12 +108,12 @@ class _Vocabulary:
         self.eos_token_id = eog[0]
         self.bos_token_id = None
         self.special_token_ids = [i for i, t in enumerate(self.tokens) if t.startswith(b"\xff")]
-        self._model = model
+        self._model = weakref.proxy(model)  # the per-model cache must not keep its model alive
 
     def __call__(self, text: bytes | str) -> list[int]:
         if isinstance(text, bytes):
             text = text.decode("utf-8", "replace")
-        return self._model.tokenize(text, add_special=False, parse_special=False)
+        return list(self._model.tokenize(text, add_special=False, parse_special=False))
 
 
 class ModelConstraints:
@@ -123,6 +123,7 @@ class ModelConstraints:
         import llguidance
 
         self._llg = llguidance
+        self._model = weakref.proxy(model)
         n_vocab = model.facts.n_vocab
         eog = [t for t in range(n_vocab) if model.is_end_of_generation(t)]
         self.tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Vocabulary(model, eog)), eos_token=eog)
@@ -148,6 +149,15 @@ class ModelConstraints:
                 self._checked.clear()
             self._checked[grammar] = text
         return text
+
+    def special_tokens(self, texts: tuple[str, ...]) -> dict[str, int]:
+        """Which of ``texts`` are one special token of this model, with its id."""
+        found = {}
+        for text in texts:
+            ids = list(self._model.tokenize(text, add_special=False, parse_special=True))
+            if len(ids) == 1 and self.tokenizer.is_special_token(ids[0]):
+                found[text] = ids[0]
+        return found
 
     def matcher(self, compiled: str) -> Any:
         return self._llg.LLMatcher(self.tokenizer, compiled, log_level=0)

@@ -854,7 +854,8 @@ class Scheduler:
                 tool_format = tools.detect_format(model.chat_template)
                 messages, definitions = tools.prompt_messages(messages, request.tools, tool_format)
                 if request.tools is not None:
-                    grammar = tools.grammar(request.tools, tool_format, request.grammar)
+                    specials = constraints.for_model(model).special_tokens(tools.markers(tool_format))
+                    grammar = tools.grammar(request.tools, tool_format, request.grammar, specials)
             try:
                 text = model.render_chat(messages, definitions)
             except EngineError as exc:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -139,9 +139,32 @@ def _lark_string(text: str) -> str:
     return json.dumps(text)  # a JSON string literal is a valid Lark string literal
 
 
-def grammar(request: ToolRequest, fmt: ToolFormat, answer: Grammar | None = None) -> Grammar | None:
+def _literal(text: str, specials: Mapping[str, int]) -> str:
+    """``text`` in Lark; a marker that is one special token of the model (Qwen's ``<tool_call>``) is
+    that token (``<[id]>``): spelled with ordinary tokens it is text the model never writes."""
+    marker = text.strip()
+    if marker and marker in specials:
+        before, _, after = text.partition(marker)
+        parts = [_lark_string(before)] if before else []
+        parts.append(f"<[{specials[marker]}]>")
+        if after:
+            parts.append(_lark_string(after))
+        return " ".join(parts)
+    return _lark_string(text)
+
+
+def markers(fmt: ToolFormat) -> tuple[str, ...]:
+    """The call markers that may be special tokens of a model (``special_tokens`` looks them up)."""
+    return tuple(m for m in (fmt.opener.strip(), fmt.closer.strip()) if m)
+
+
+def grammar(
+    request: ToolRequest, fmt: ToolFormat, answer: Grammar | None = None, specials: Mapping[str, int] | None = None
+) -> Grammar | None:
     """The constraint of a request with tools: calls only (required, named), or text/answer or
-    calls (auto); None for "none" (unconstrained, or just ``answer``)."""
+    calls (auto); None for "none" (unconstrained, or just ``answer``). ``specials``: the format's
+    markers that are single special tokens of the model, with their ids."""
+    specials = specials or {}
     if request.choice == "none":
         return answer
     chosen = [f for f in request.functions if request.choice in ("auto", "required") or f["name"] == request.choice]
@@ -164,7 +187,7 @@ def grammar(request: ToolRequest, fmt: ToolFormat, answer: Grammar | None = None
         calls = f'call ("\\n" {calls})?'
     rules = [
         f"calls: {calls}",
-        f"call: {_lark_string(fmt.opener)} body {_lark_string(fmt.closer)}"
+        f"call: {_literal(fmt.opener, specials)} body {_literal(fmt.closer, specials)}"
         if fmt.opener or fmt.closer
         else "call: body",
         f"body: %json {json.dumps(body, ensure_ascii=False)}",

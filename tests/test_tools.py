@@ -255,6 +255,14 @@ def test_every_format_and_choice_gives_a_valid_grammar(fmt: Any, choice: str) ->
     assert llguidance.LLMatcher.validate_grammar(text) == ""
 
 
+def test_markers_that_are_special_tokens_are_written_as_tokens() -> None:
+    """Qwen's <tool_call> is one added token: the grammar must let the model emit that token."""
+    built = grammar(ToolRequest((ADD,), "required"), HERMES, None, {"<tool_call>": 151657, "</tool_call>": 151658})
+    assert built is not None
+    assert 'call: <[151657]> "\\n" body "\\n" <[151658]>' in built.source
+    assert llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_lark(built.source)) == ""
+
+
 def test_the_call_stream_splits_content_from_calls() -> None:
     stream = ToolCallStream(GENERIC)
     pieces = [
