@@ -57,8 +57,9 @@ class Grammar:
 
 
 def json_schema(schema: dict[str, Any], *, strict: bool = True, param: str = "response_format") -> Grammar:
-    """A JSON-schema constraint; a strict one closes its objects (see ``closed``)."""
-    return Grammar("json_schema", json.dumps(closed(schema) if strict else schema), strict, param)
+    """A JSON-schema constraint, its objects closed (see ``closed``) strict or not: without it a small
+    model adds keys, even the same key twice, where the client expects exactly its own."""
+    return Grammar("json_schema", json.dumps(closed(schema)), strict, param)
 
 
 _SUBSCHEMA_LISTS = ("anyOf", "allOf", "oneOf", "prefixItems")

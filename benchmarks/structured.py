@@ -9,7 +9,8 @@
    enums, numbers, strings with escapes, anyOf), 8 at a time; every answer that ended by itself
    must parse and validate (``jsonschema``); answers cut by ``max_tokens`` are counted apart.
 
-Runs the scheduler in-process with the default model (no HTTP), 2 threads, 8 slots.
+Runs the scheduler in-process with the default model (no HTTP), 8 slots, 2 threads (``--threads``: on a
+machine other work keeps busy, llama.cpp's spinning thread barrier makes 2 threads erratic; use 1).
 """
 
 from __future__ import annotations
@@ -243,9 +244,10 @@ async def main() -> None:
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (1 on a busy machine)")
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="structured-bench-"))
-    scheduler = build_scheduler(Settings(ctx_size=1024, parallel=8, threads=2), Paths(home))
+    scheduler = build_scheduler(Settings(ctx_size=1024, parallel=8, threads=args.threads), Paths(home))
     try:
         await run(scheduler, [request(PROMPTS[0], SCHEMAS[0], 8)])  # warm-up (llguidance's tokenizer)
         await throughput(scheduler, args.rounds, args.tokens)
