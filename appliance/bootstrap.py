@@ -28,10 +28,12 @@ from engines.base import Engine, LoadOptions, ModelLoadError, SamplingParams
 from engines.ggufmeta import model_shape
 
 if TYPE_CHECKING:
+    from appliance.embedding import EmbedderLoader, EmbeddingModels
     from appliance.lora.sync import AdapterSync
     from appliance.requestlog.writer import DisabledLog, LogWriter
     from appliance.responses_store import ResponseStore
     from appliance.scheduler import ModelRunner, Scheduler
+    from engines.embeddings import Embedder
 
 # What only serving needs (the scheduler, the engines' runtimes, the request log, the HTTP stack)
 # is imported by the function that builds it: start-up then plans and starts loading the model
@@ -165,6 +167,12 @@ def plan_serving(
         specs = [registry.get(name) for name in names]
     except RegistryError as exc:
         raise StartupError(str(exc)) from exc
+    for spec in specs:
+        if spec.kind == "embedding":
+            raise StartupError(
+                f"'{spec.id}' is an embedding model: every server answers /v1/embeddings with each registered "
+                "embedding model, loaded on first use; --model chooses the chat models"
+            )
     plans = plan_models(hardware, [model_request(spec, settings, paths, sources) for spec in specs])
     return list(zip(specs, plans, strict=True))
 
@@ -341,6 +349,56 @@ class UnixListener:
                 self.path.unlink()
 
 
+def embedder_loader(settings: Settings, paths: Paths) -> EmbedderLoader:
+    """How an embedding model is loaded: its file checked against models.toml, then its engine."""
+
+    def load(spec: ModelSpec, path: Path) -> Embedder:
+        from appliance.modelstore import verify_model_file
+
+        try:
+            path = verify_model_file(paths, spec, check_sha256=settings.verify_sha256, progress=False)
+        except ModelFileError as exc:
+            raise ModelLoadError(path, str(exc)) from exc
+        threads = settings.embedding_threads
+        if spec.engine == "onnx":
+            from engines.onnx_embed import OnnxEmbedder
+
+            return OnnxEmbedder(
+                path, max_tokens=spec.context_length or 512, threads=threads, pooling=spec.pooling or "mean"
+            )
+        from engines.gguf_embed import GgufEmbedder
+
+        return GgufEmbedder(path, threads=threads, pooling=spec.pooling, max_tokens=spec.context_length)
+
+    return load
+
+
+def build_embeddings(settings: Settings, paths: Paths, registry: Registry | None = None) -> EmbeddingModels:
+    """Every registered embedding model, none loaded yet (the first request naming one loads it).
+
+    A model whose file is missing (the built-in one's package is not installed, as in the single
+    executable) is kept with the reason, which /v1/embeddings gives to a request naming it.
+    """
+    from appliance.embedding import EmbeddingEntry, EmbeddingModels
+
+    registry = registry or load_registry(paths)
+    entries = []
+    for spec in registry:
+        if spec.kind != "embedding":
+            continue
+        try:
+            path: Path | None = spec.resolve_file(paths.models_dir)
+            problem = None if path is not None and path.is_file() else f"its file {path} does not exist"
+        except RegistryError as exc:
+            path, problem = None, str(exc)
+        entries.append(EmbeddingEntry(spec, path if problem is None else None, problem))
+        if problem is None:
+            log.info("embedding model %s: %s (loaded on first use)", spec.id, path)
+        else:
+            log.info("embedding model %s is not available: %s", spec.id, problem)
+    return EmbeddingModels(entries, embedder_loader(settings, paths), max_queue=settings.max_queue)
+
+
 def serve(settings: Settings, paths: Paths, sources: Mapping[str, str] | None = None) -> None:
     """Listen, load the models, serve until SIGINT/SIGTERM, then drain and shut down cleanly.
 
@@ -355,6 +413,7 @@ def serve(settings: Settings, paths: Paths, sources: Mapping[str, str] | None = 
     adapters: AdapterSync | None = None
     request_log: LogWriter | DisabledLog | None = None
     responses: ResponseStore | None = None
+    embeddings: EmbeddingModels | None = None
     served = False
 
     def stop_work() -> None:  # idempotent: the drain calls it, and the cleanup below again
@@ -362,6 +421,8 @@ def serve(settings: Settings, paths: Paths, sources: Mapping[str, str] | None = 
             adapters.stop()
         if scheduler is not None:
             scheduler.stop()
+        if embeddings is not None:
+            embeddings.close()
 
     try:
         if settings.socket:
@@ -384,8 +445,17 @@ def serve(settings: Settings, paths: Paths, sources: Mapping[str, str] | None = 
             finally:
                 scheduler = loading.result()  # a load error wins: it is the one to report
         adapters = build_adapters(scheduler, paths)
+        embeddings = build_embeddings(settings, paths)
         app = create_app(
-            scheduler, settings, request_log, adapters, hardware, paths=paths, sources=sources, responses=responses
+            scheduler,
+            settings,
+            request_log,
+            adapters,
+            hardware,
+            paths=paths,
+            sources=sources,
+            responses=responses,
+            embeddings=embeddings,
         )
         server = make_server(
             app,

@@ -92,6 +92,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         help="the same, comma-separated: browser apps on these origins may call the API (CORS; default none)",
     )
     _plan_args(p)
+    p.add_argument(
+        "--embedding-threads", type=int, help="CPU threads for /v1/embeddings, one request at a time (default 1)"
+    )
     p.add_argument("--max-queue", type=int, help="requests that may wait for a slot before 503 (default 64)")
     p.add_argument("--queue-timeout", type=float, help="seconds a request may wait for a slot (default 60)")
     _switch_off(
@@ -227,7 +230,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
                 f"imported {spec.id}: {spec.architecture}, {spec.quantization}, "
                 f"context {spec.context_length}, sha256 {spec.sha256}"
             )
-            print(f"serve it with: appliance serve --model {spec.id}")
+            if spec.kind == "embedding":
+                print(f"an embedding model: servers started from now on answer /v1/embeddings with it as {spec.id}")
+            else:
+                print(f"serve it with: appliance serve --model {spec.id}")
             return 0
         registry = load_registry(paths)
     except (ModelFileError, RegistryError) as exc:
@@ -243,6 +249,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
                 "id": spec.id,
                 "default": spec.id == registry.default_model,
                 "engine": spec.engine,
+                "kind": spec.kind,
                 "quantization": spec.quantization,
                 "context_length": spec.context_length,
                 "aliases": list(spec.aliases),
@@ -256,8 +263,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
     for row in rows:
         mark = "*" if row["default"] else " "
         aliases = f" (aliases: {', '.join(row['aliases'])})" if row["aliases"] else ""
+        kind = "embedding " if row["kind"] == "embedding" else ""
         print(
-            f"{mark} {row['id']}{aliases}\n    {row['engine']} {row['quantization'] or ''} "
+            f"{mark} {row['id']}{aliases}\n    {kind}{row['engine']} {row['quantization'] or ''} "
             f"ctx {row['context_length'] or '?'}  [{row['source']}]\n    {row['file']}"
         )
     return 0

@@ -68,6 +68,12 @@ class Settings(BaseModel):
         description="Sequence slots per model (concurrent generations); default: planned (8-16 CPU, 16 GPU).",
     )
     threads: int | None = Field(None, ge=1, le=1024, description="CPU threads; default: the usable physical cores.")
+    embedding_threads: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="CPU threads for /v1/embeddings (one request at a time): few, so chat decoding keeps its cores.",
+    )
     batch_size: int | None = Field(
         None, ge=128, le=16384, description="Max tokens per decode step (prompt chunk size); default 512."
     )

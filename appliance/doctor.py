@@ -39,7 +39,8 @@ def run_doctor(
     if chosen:
         plans = [plan for _, plan in plan_serving(settings, paths, registry, hardware, sources)]
     else:
-        plans = [plan_models(hardware, [model_request(spec, settings, paths, sources)])[0] for spec in registry]
+        chat = [spec for spec in registry if spec.kind == "chat"]  # embedding models are small and load on demand
+        plans = [plan_models(hardware, [model_request(spec, settings, paths, sources)])[0] for spec in chat]
     report = build_report(hardware, plans)
     if as_json:
         print(json.dumps(report.model_dump(mode="json"), indent=2))

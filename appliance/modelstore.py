@@ -60,7 +60,7 @@ def suggest_id(path: Path) -> str:
 
 
 def import_model(paths: Paths, source: Path, model_id: str | None = None, *, progress: bool = True) -> ModelSpec:
-    """Validate, copy into the store, hash, and register a GGUF file."""
+    """Validate, copy into the store, hash, and register a GGUF file (as an embedding model if it is one)."""
     source = source.expanduser()
     try:
         info = read_gguf_info(source)
@@ -86,6 +86,7 @@ def import_model(paths: Paths, source: Path, model_id: str | None = None, *, pro
     spec = ModelSpec(
         id=model_id,
         engine="gguf",
+        kind="embedding" if info.is_embedding_model else "chat",
         path=target.name,
         sha256=digest,
         size_bytes=target.stat().st_size,
@@ -104,7 +105,8 @@ def _add_to_user_registry(paths: Paths, spec: ModelSpec) -> None:
     data: dict[str, Any] = {}
     if paths.models_file.exists():
         data = tomllib.loads(paths.models_file.read_text("utf-8"))
-    entry = spec.model_dump(exclude_none=True, exclude={"id", "source", "sampling", "aliases"})
+    unset = {"matryoshka"} if not spec.matryoshka else set()  # only embedding models can say true
+    entry = spec.model_dump(exclude_none=True, exclude={"id", "source", "sampling", "aliases", *unset})
     data.setdefault("models", {})[spec.id] = entry
     paths.home.mkdir(parents=True, exist_ok=True)
     tmp = paths.models_file.with_suffix(".toml.tmp")

@@ -45,7 +45,9 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str = Field(pattern=MODEL_ID_RE.pattern)
-    engine: Literal["gguf"] = "gguf"
+    engine: Literal["gguf", "onnx"] = "gguf"
+    # "embedding": served at /v1/embeddings (every registered one, loaded on first use), never for chat
+    kind: Literal["chat", "embedding"] = "chat"
     path: str | None = None
     package: str | None = None
     file: str | None = None
@@ -65,6 +67,11 @@ class ModelSpec(BaseModel):
     device: Literal["auto", "cpu", "cuda", "rocm", "metal", "vulkan"] | None = None
     gpu_layers: int | None = Field(None, ge=-1)
     threads: int | None = Field(None, ge=1, le=1024)
+    # embedding models: how token states become one vector (default: the file's own), and whether the
+    # model was trained so that a vector's first values are a good shorter vector (Matryoshka), which
+    # lets a request ask for fewer `dimensions`
+    pooling: Literal["mean", "cls", "last"] | None = None
+    matryoshka: bool = False
     source: str = "built-in"
 
     @model_validator(mode="after")
@@ -73,6 +80,10 @@ class ModelSpec(BaseModel):
             raise ValueError("give exactly one of 'path' or 'package' (+ 'file')")
         if self.package is not None and not self.file:
             raise ValueError("'package' needs 'file', the file's name inside the package")
+        if self.engine == "onnx" and self.kind != "embedding":
+            raise ValueError("engine 'onnx' serves embedding models only: add kind = \"embedding\"")
+        if self.kind != "embedding" and (self.pooling is not None or self.matryoshka):
+            raise ValueError("'pooling' and 'matryoshka' are for embedding models (kind = \"embedding\")")
         return self
 
     def location(self) -> str:
@@ -102,7 +113,8 @@ class Registry:
         for spec in specs:
             for alias in spec.aliases:
                 self._aliases.setdefault(alias, spec.id)
-        self.default_model = default_model if default_model in self._specs else next(iter(self._specs), None)
+        chat = [s.id for s in specs if s.kind == "chat"]
+        self.default_model = default_model if default_model in chat else next(iter(chat), None)
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._specs.values())

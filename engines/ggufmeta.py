@@ -208,6 +208,13 @@ def model_size(path: Path) -> str:
     return f"{header.architecture or 'unknown'} {size_label(parameter_count(header))}"
 
 
+# architectures that are text encoders: their GGUF files are embedding models even without a pooling type
+ENCODER_ARCHITECTURES = frozenset(
+    {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert", "neo-bert", "t5encoder"}
+)
+_EMBEDDING_POOLING = (1, 2, 3)  # llama.cpp's mean, cls, last (0 is none, 4 a reranker's rank)
+
+
 @dataclass(frozen=True)
 class GgufInfo:
     architecture: str
@@ -217,6 +224,14 @@ class GgufInfo:
     has_chat_template: bool
     general_type: str | None
     tensor_count: int
+    pooling_type: int | None = None  # ``<arch>.pooling_type``, which embedding-model conversions write
+
+    @property
+    def is_embedding_model(self) -> bool:
+        """Whether the file is a sentence-embedding model (served at /v1/embeddings) rather than a chat one."""
+        if self.pooling_type is not None:
+            return self.pooling_type in _EMBEDDING_POOLING
+        return self.architecture in ENCODER_ARCHITECTURES
 
 
 def _field(reader: Any, key: str) -> Any:
@@ -255,6 +270,7 @@ def read_gguf_info(path: Path) -> GgufInfo:
     except ValueError:
         ftype = str(file_type)
     ctx = _field(reader, f"{arch}.context_length")
+    pooling = _field(reader, f"{arch}.pooling_type")
     return GgufInfo(
         architecture=arch,
         name=_field(reader, "general.name"),
@@ -263,4 +279,5 @@ def read_gguf_info(path: Path) -> GgufInfo:
         has_chat_template="tokenizer.chat_template" in reader.fields,
         general_type=_field(reader, "general.type"),
         tensor_count=len(reader.tensors),
+        pooling_type=int(pooling) if pooling is not None else None,
     )

@@ -1,5 +1,5 @@
-"""ONNX models through onnxruntime: for now, what the installed onnxruntime can run on, and a check
-that it runs a given model.
+"""ONNX models through onnxruntime: what the installed onnxruntime can run on, a check that it runs
+a given model, and CPU sessions for the ONNX embedding engine (``engines.onnx_embed``).
 
 This is the only module that imports ``onnxruntime``. The hardware report lists its execution
 providers (CUDA, ROCm/MIGraphX, DirectML, CPU) so a user sees whether the GPU build
@@ -45,6 +45,28 @@ def capabilities() -> EngineCapabilities:
         providers=providers,
         build_info=str(onnxruntime.get_device()),
     )
+
+
+def cpu_session(path: Path, threads: int) -> Any:
+    """An onnxruntime session of ``path`` on the CPU with ``threads`` threads, run one call at a time.
+
+    The thread count is a bound, not a hint: other work (chat decoding) shares the cores.
+    ``ModelLoadError`` says why the file cannot be loaded.
+    """
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ModelLoadError(path, f"onnxruntime is not installed ({exc})") from exc
+    if not path.is_file():
+        raise ModelLoadError(path, "the file does not exist")
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = max(1, threads)
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    try:
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own untyped errors for a bad file
+        raise ModelLoadError(path, f"onnxruntime cannot load it: {exc}") from exc
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
     ("get", "/v1/responses/{response_id}"): {"200", "400", "401"},
     ("delete", "/v1/responses/{response_id}"): {"200", "401", "415"},
     ("get", "/v1/responses/{response_id}/input_items"): {"200", "400", "401"},
+    ("post", "/v1/embeddings"): {"200", "400", "401", "415", "503"},
     ("get", "/v1/appliance/logs"): {"200", "400", "401"},
     ("get", "/v1/appliance/logs/{record_id}"): {"200", "401"},
     ("post", "/v1/appliance/logs/{record_id}/feedback"): {"200", "400", "401", "415"},

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 
 from appliance import __version__
 from appliance.api.edge import EdgeMiddleware, EdgePolicy
+from appliance.api.embeddings import router as embeddings_router
 from appliance.api.errors import install_error_handlers
 from appliance.api.hardware import router as hardware_router
 from appliance.api.logs import router as logs_router
@@ -27,6 +28,7 @@ from appliance.api.responses import router as responses_router
 from appliance.api.routes import router, v1
 from appliance.api.settings import router as settings_router
 from appliance.config import Paths, Settings
+from appliance.embedding import EmbeddingModels
 from appliance.hardware.report import HardwareReport
 from appliance.lora.sync import AdapterSync
 from appliance.requestlog.writer import DisabledLog, RequestLog
@@ -43,6 +45,7 @@ def create_app(
     paths: Paths | None = None,
     sources: Mapping[str, str] | None = None,
     responses: ResponseStore | None = None,
+    embeddings: EmbeddingModels | None = None,
 ) -> FastAPI:
     app = FastAPI(
         title="LLM appliance",
@@ -58,11 +61,13 @@ def create_app(
     app.state.responses = responses or ResponseStore(None)  # /v1/responses' store; in memory without a home
     app.state.sources = sources  # where each setting came from (config.load_settings_with_sources), if known
     app.state.started = int(time.time())
+    app.state.embeddings = embeddings  # /v1/embeddings: the registered embedding models, each loaded on first use
     app.state.refusals = Counter()  # edge refusals by code, for /metrics
     app.state.metrics = metrics_registry(scheduler, app.state.request_log, app.state.refusals)
     app.include_router(router)
     app.include_router(v1)
     app.include_router(responses_router)
+    app.include_router(embeddings_router)
     app.include_router(logs_router)
     app.include_router(loras_router)
     app.include_router(hardware_router)

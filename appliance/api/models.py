@@ -49,6 +49,7 @@ class RegisteredModel(BaseModel):
     id: str
     object: str = "model"
     engine: str
+    kind: str  # "chat", or "embedding": served at /v1/embeddings
     quantization: str | None
     architecture: str | None
     context_length: int | None
@@ -58,13 +59,14 @@ class RegisteredModel(BaseModel):
     aliases: list[str]
     source: str  # "built-in" or the models.toml that registers it
     default: bool  # the registry's default model
-    loaded: bool  # this server serves it now
+    loaded: bool  # this server serves it now (an embedding model: it answers with it, loading it on first use)
 
     @classmethod
     def of(cls, spec: ModelSpec, *, default: bool, loaded: bool) -> RegisteredModel:
         return cls(
             id=spec.id,
             engine=spec.engine,
+            kind=spec.kind,
             quantization=spec.quantization,
             architecture=spec.architecture,
             context_length=spec.context_length,
@@ -114,6 +116,8 @@ async def list_registered(request: Request) -> RegisteredModelList:
     except RegistryError as exc:
         raise APIError(500, str(exc), type="server_error", code="registry_invalid") from exc
     loaded = set(request.app.state.scheduler.model_ids)
+    embeddings = getattr(request.app.state, "embeddings", None)
+    loaded.update(embeddings.model_ids if embeddings is not None else ())
     return RegisteredModelList(
         data=[RegisteredModel.of(s, default=s.id == registry.default_model, loaded=s.id in loaded) for s in registry]
     )

@@ -40,8 +40,8 @@ RESPONSES = "#/components/responses/"
 HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
 STATE_CHANGING = frozenset({"post", "put", "patch", "delete"})
 LORAS = "/v1/appliance/loras"
-# the routes that queue a generation, so the only ones that answer "come back later"
-GENERATIONS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
+# the routes that queue work for a model (a generation, or embeddings), so the only ones that answer "come back later"
+GENERATIONS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings"})
 # the models the post-processing refers to, with the side of the wire each is on
 MODELS: tuple[tuple[type[BaseModel], JsonSchemaMode], ...] = (
     (ErrorResponse, "serialization"),

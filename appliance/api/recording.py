@@ -66,6 +66,9 @@ class Exchange:
         self._start = time.monotonic()
         self.requests: list[GenerationRequest] = []
         self.generations: list[Generation] = []
+        # what a route without generations (embeddings) knows itself: its model's facts and its token count
+        self.provenance: dict[str, Any] = {}
+        self.prompt_tokens: int | None = None
         self._closed = False
 
     def failed(self, exc: BaseException) -> None:
@@ -145,7 +148,7 @@ class Exchange:
         gens = self.generations
         finishes = [g.finish for g in gens if g.finish is not None]
         model = gens[0].base_model or gens[0].model if gens else str(self._body.get("model", ""))
-        provenance: dict[str, Any] = {}
+        provenance: dict[str, Any] = self.provenance
         adapters: list[dict[str, Any]] = []
         if gens:
             provenance = self._request.app.state.scheduler.resolve(model).provenance
@@ -167,7 +170,7 @@ class Exchange:
             status=status,
             choices=choices,
             prompt_text=_prompt_text(self.requests),
-            prompt_tokens=sum(g.prompt_tokens for g in gens) if gens else None,
+            prompt_tokens=sum(g.prompt_tokens for g in gens) if gens else self.prompt_tokens,
             completion_tokens=sum(f.completion_tokens for f in finishes) if gens else None,
             cached_tokens=sum(f.cached_tokens for f in finishes) if gens else None,
             ttft_ms=(min(first) - self._start) * 1000 if first else None,
@@ -182,6 +185,7 @@ LOGGED_PATHS = {
     "/v1/chat/completions": "chat.completions",
     "/v1/completions": "completions",
     "/v1/responses": "responses",
+    "/v1/embeddings": "embeddings",
 }
 
 

@@ -92,7 +92,7 @@ class ExchangeRecord:
     created_at: float  # unix seconds when the request arrived
     finished_at: float
     client: str  # "api-key", "unix-socket" or "local"
-    endpoint: str  # "chat.completions", "completions" or "responses"
+    endpoint: str  # "chat.completions", "completions", "responses" or "embeddings" (whose vectors are not recorded)
     model: str
     stream: bool
     request: dict[str, Any]  # the body as the client sent it: messages or prompt, and parameters

@@ -1,8 +1,4 @@
-"""litellm's ``openai/`` provider against the live server: embeddings, chat with tools, streaming.
-
-The embeddings tests run once the server has ``POST /v1/embeddings``; until then they are skipped
-(the route is unknown: a 404 with ``code: "not_found"``; any other answer runs them).
-"""
+"""litellm's ``openai/`` provider against the live server: embeddings, chat with tools, streaming."""
 
 from __future__ import annotations
 
@@ -36,14 +32,10 @@ TEXTS = ["The cat sat on the mat.", "A dog ran in the park.", "Quantum chromodyn
 
 @pytest.fixture
 def embedding_model(base_url: str) -> str:
-    """The model to embed with: one whose id says ``embed`` in ``/v1/models``, else the default model.
-
-    Skips while the server has no ``/v1/embeddings`` route."""
-    ids = [m["id"] for m in httpx.get(base_url + "/models", timeout=30).json()["data"]]
-    model = next((i for i in ids if "embed" in i.lower()), MODEL)
-    probe = httpx.post(base_url + "/embeddings", json={"model": model, "input": "probe"}, timeout=TIMEOUT)
-    if probe.status_code == 404 and probe.json().get("error", {}).get("code") == "not_found":
-        pytest.skip("the server has no POST /v1/embeddings yet")
+    """The model to embed with: the first embedding model of the registry (the built-in one on a fresh
+    install), as ``/v1/appliance/models`` lists them; ``/v1/models`` lists the chat models."""
+    registered = httpx.get(base_url + "/appliance/models", timeout=30).json()["data"]
+    model = next((m["id"] for m in registered if m.get("kind") == "embedding"), MODEL)
     return model
 
 
