@@ -44,6 +44,7 @@ from appliance.generation import (
 )
 from appliance.speculative import NgramIndex
 from engines.base import BatchItem, EngineError, LoadedAdapter, LoadedModel, Sampler, SamplingParams
+from engines.chat_template import takes_system_role
 from engines.textstream import TextStream
 
 log = logging.getLogger(__name__)
@@ -852,7 +853,10 @@ class Scheduler:
             messages, definitions = list(request.messages), list[dict[str, Any]]()
             if request.tools is not None or any(m.tool_calls or m.role == "tool" for m in messages):
                 tool_format = tools.detect_format(model.chat_template)
-                messages, definitions = tools.prompt_messages(messages, request.tools, tool_format)
+                system_role = takes_system_role(model.chat_template)
+                messages, definitions = tools.prompt_messages(
+                    messages, request.tools, tool_format, system_role=system_role
+                )
                 if request.tools is not None:
                     specials = constraints.for_model(model).special_tokens(tools.markers(tool_format))
                     grammar = tools.grammar(request.tools, tool_format, request.grammar, specials)

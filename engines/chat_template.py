@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from jinja2 import TemplateError
@@ -93,3 +94,14 @@ class ChatTemplate:
             raise
         except TemplateError as exc:
             raise ChatTemplateError(f"the chat template failed: {exc}") from exc
+
+
+@lru_cache(maxsize=32)
+def takes_system_role(source: str) -> bool:
+    """Whether a template accepts a system message (Gemma 2's raises "System role not supported"):
+    where it does not, a system prompt of ours goes into the first user message instead."""
+    try:
+        ChatTemplate(source).render([ChatMessage("system", "s"), ChatMessage("user", "u")])
+    except ChatTemplateError:
+        return False
+    return True
