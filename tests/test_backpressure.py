@@ -25,12 +25,14 @@ def test_full_queue_503_then_queue_timeout(start_server: Callable[..., LiveServe
     server = start_server("--parallel", "1", "--max-queue", "1", "--queue-timeout", "1", "--ctx-size", "1024")
     url = server.base_url
     busy_body = {"model": DEFAULT_MODEL, "prompt": "1, 2, 3, 4,", "max_tokens": 400, "temperature": 0, "stream": True}
-    first_token = threading.Event()
+    first_token, done = threading.Event(), threading.Event()
 
-    def busy() -> None:  # holds the only slot for a few seconds
+    def busy() -> None:  # holds the only slot until the checks are done, then hangs up (which frees it)
         with httpx.stream("POST", f"{url}/v1/completions", json=busy_body, timeout=60) as response:
             for _ in response.iter_lines():
                 first_token.set()
+                if done.is_set():
+                    break
 
     busy_thread = threading.Thread(target=busy)
     busy_thread.start()
@@ -59,7 +61,6 @@ def test_full_queue_503_then_queue_timeout(start_server: Callable[..., LiveServe
     error = timed_out.json()["error"]
     assert error["code"] == "queue_timeout" and "queue timeout" in error["message"]
 
-    busy_thread.join(60)
     metrics = httpx.get(f"{url}/metrics", timeout=5).text
     label = f'{{model="{DEFAULT_MODEL}"}}'
     assert f"appliance_requests_rejected_total{label} 1.0" in metrics
@@ -74,5 +75,11 @@ def test_full_queue_503_then_queue_timeout(start_server: Callable[..., LiveServe
     ):
         assert f"appliance_{name}{label}" in metrics
 
+    done.set()  # the busy client hangs up; the slot frees once the server notices (a loaded machine: seconds)
+    busy_thread.join(60)
+    deadline = time.monotonic() + 30
+    while (stats := server.model_stats())["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stats["active"] == 0, stats
     ok = httpx.post(f"{url}/v1/chat/completions", json=chat_body(), timeout=30)  # and it serves normally again
     assert ok.status_code == 200, ok.text
