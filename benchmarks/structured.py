@@ -230,6 +230,9 @@ async def validity(scheduler: Scheduler, samples: int, tokens: int) -> None:
                 continue
             counts["valid"] += 1
             per_schema[k][1] += 1
+        done = min(samples, first + 8)
+        if done % 200 == 0:  # a long run says how far it is
+            print(f"  {done}/{samples}: {counts} ({time.perf_counter() - started:.0f} s)", flush=True)
     ended = counts["valid"] + counts["invalid"]
     print(
         f"ended by themselves: {ended}, valid: {counts['valid']} ({100 * counts['valid'] / max(1, ended):.1f} %), "
