@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.resources
 import importlib.util
+import sys
 import re
 import tomllib
 from pathlib import Path
@@ -97,9 +98,15 @@ class ModelSpec(BaseModel):
         assert self.package is not None and self.file is not None
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
+            dist = self.package.replace("_", "-")
+            if getattr(sys, "frozen", False):  # the single executable: no pip to install it with
+                raise RegistryError(
+                    f"model '{self.id}' is shipped in the Python package '{dist}', which this single "
+                    f"executable leaves out to keep its size down: copy its file ({self.file}) here and "
+                    "add it with `appliance models import FILE`"
+                )
             raise RegistryError(
-                f"model '{self.id}' is shipped in the Python package '{self.package}', which is not "
-                f"installed: pip install {self.package.replace('_', '-')}"
+                f"model '{self.id}' is shipped in the Python package '{dist}', which is not installed: pip install {dist}"
             )
         return Path(next(iter(spec.submodule_search_locations))) / self.file
 

@@ -16,8 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from engines.base import (
     AdapterLoadError,
     AdapterSet,
@@ -30,17 +28,14 @@ from engines.base import (
     ModelFacts,
     ModelLoadError,
     SamplingParams,
-    TokenLogprob,
-    TokenMask,
 )
-from engines.chat_template import ChatTemplate
 from engines.cpu_backends import BUILT_IN, BackendSelection, CpuBackendError, load_backends
+from engines.ggufsampler import GgufSampler
 
 log = logging.getLogger(__name__)
 native_log = logging.getLogger("engines.llama_cpp.native")
 
 GGUF_MAGIC = b"GGUF"
-_RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp picks a random seed
 _backend_lock = threading.Lock()
 _backend_ready = False
 _log_callback: Any = None  # the ctypes callback must outlive every native call
@@ -63,7 +58,7 @@ def check_gguf_file(path: Path) -> None:
         raise ModelLoadError(path, "not a GGUF file (bad magic bytes)")
 
 
-def _llama() -> Any:
+def load_llama() -> Any:
     """Import llama_cpp once, initialise the backend and route its logging to ``logging``."""
     global _backend_ready, _log_callback, _backends, _libggml
     import llama_cpp
@@ -117,7 +112,7 @@ class _DeviceProps(ctypes.Structure):
 def _ggml() -> Any:
     """libggml with the device-registry functions that llama-cpp-python does not bind."""
     global _ggml_lib
-    _llama()
+    load_llama()
     if _ggml_lib is None:
         lib = _libggml
         p = ctypes.c_void_p
@@ -145,7 +140,7 @@ def capabilities() -> EngineCapabilities:
     short-lived subprocess (see ``appliance.hardware``).
     """
     try:
-        lib = _llama()
+        lib = load_llama()
         ggml = _ggml()
     except (ImportError, OSError, AttributeError, CpuBackendError) as exc:
         return EngineCapabilities("gguf", "llama-cpp-python", installed=False, detail=f"{type(exc).__name__}: {exc}")
@@ -180,7 +175,7 @@ def capabilities() -> EngineCapabilities:
     )
 
 
-def _device_list(names: Sequence[str], path: Path) -> Any:
+def device_list(names: Sequence[str], path: Path) -> Any:
     """A NULL-terminated ``ggml_backend_dev_t`` array of these devices (empty: CPU only)."""
     ggml = _ggml()
     found = []
@@ -228,90 +223,6 @@ def _quantization(file_type: str | None) -> str | None:
         return f"type {file_type}"
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Log-probabilities of the model's distribution (before temperature and the other settings)."""
-    x = logits.astype(np.float64)
-    finite = x[np.isfinite(x)]
-    top = float(finite.max()) if finite.size else 0.0
-    result: np.ndarray = x - (top + float(np.log(np.exp(finite - top).sum())))
-    return result
-
-
-def _top(logprobs: np.ndarray, k: int) -> tuple[tuple[int, float], ...]:
-    if k <= 0:
-        return ()
-    k = min(k, len(logprobs))
-    best = np.argpartition(-logprobs, k - 1)[:k]
-    best = best[np.argsort(-logprobs[best], kind="stable")]
-    return tuple((int(t), float(logprobs[t])) for t in best)
-
-
-class GgufSampler:
-    """One sequence's llama.cpp sampler chain (logit bias -> penalties -> top-k -> top-p -> min-p -> temp -> dist)."""
-
-    def __init__(self, lib: Any, ctx: Any, n_vocab: int, params: SamplingParams) -> None:
-        self._lib = lib
-        self._ctx = ctx
-        self._n_vocab = n_vocab
-        self._logprobs = params.logprobs
-        self.last_logprob: TokenLogprob | None = None
-        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        add = lib.llama_sampler_chain_add
-        if params.logit_bias:  # first: OpenAI's bias is added to the model's logits, before anything else
-            biases = (lib.llama_logit_bias * len(params.logit_bias))(
-                *(lib.llama_logit_bias(token, bias) for token, bias in params.logit_bias)
-            )
-            add(chain, lib.llama_sampler_init_logit_bias(n_vocab, len(biases), biases))
-        if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
-            add(
-                chain,
-                lib.llama_sampler_init_penalties(
-                    n_vocab,
-                    params.penalty_last_n,
-                    params.repeat_penalty,
-                    params.frequency_penalty,
-                    params.presence_penalty,
-                ),
-            )
-        if params.greedy:
-            add(chain, lib.llama_sampler_init_greedy())
-        else:
-            if params.top_k > 0:
-                add(chain, lib.llama_sampler_init_top_k(params.top_k))
-            if params.top_p < 1.0:
-                add(chain, lib.llama_sampler_init_top_p(params.top_p, 1))
-            if params.min_p > 0.0:
-                add(chain, lib.llama_sampler_init_min_p(params.min_p, 1))
-            add(chain, lib.llama_sampler_init_temp(params.temperature))
-            seed = _RANDOM_SEED if params.seed is None else params.seed & 0xFFFFFFFF
-            add(chain, lib.llama_sampler_init_dist(seed))
-        self._chain: Any = chain
-
-    def sample(self, output_index: int, allowed: TokenMask | None = None) -> int:
-        if allowed is not None or self._logprobs is not None:
-            logits = self._logits(output_index)
-            if allowed is not None:
-                # the context's own logits buffer: -inf here is what every sampler of the chain sees
-                ok = np.unpackbits(allowed.view(np.uint8), bitorder="little", count=self._n_vocab).view(bool)
-                np.copyto(logits, -np.inf, where=~ok)
-            if self._logprobs is not None:
-                logprobs = _log_softmax(logits)
-        # llama_sampler_sample also accepts the token into the chain (penalty history).
-        token = int(self._lib.llama_sampler_sample(self._chain, self._ctx, output_index))
-        if self._logprobs is not None:
-            self.last_logprob = TokenLogprob(token, float(logprobs[token]), _top(logprobs, self._logprobs))
-        return token
-
-    def _logits(self, output_index: int) -> np.ndarray:
-        pointer = self._lib.llama_get_logits_ith(self._ctx, output_index)
-        return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
-
-    def close(self) -> None:
-        if self._chain is not None:
-            self._lib.llama_sampler_free(self._chain)
-            self._chain = None
-
-
 class GgufAdapter:
     """A LoRA adapter llama.cpp loaded for one model; its tensors live beside the shared weights."""
 
@@ -339,17 +250,17 @@ class GgufModel:
 
     def __init__(self, path: Path, options: LoadOptions) -> None:
         check_gguf_file(path)
-        lib = _llama()
+        lib = load_llama()
         self._lib = lib
         self._options = options
         mparams = lib.llama_model_default_params()
         mparams.n_gpu_layers = options.n_gpu_layers if options.gpu_devices else 0
         # Always an explicit device list: a GPU build would otherwise use every GPU it sees, and
         # with none listed (a CPU plan) it keeps everything, prompt batches too, on the CPU.
-        self._device_array = _device_list(options.gpu_devices, path)
+        self._device_array = device_list(options.gpu_devices, path)
         mparams.devices = ctypes.cast(self._device_array, ctypes.c_void_p)
         mparams.main_gpu = options.main_gpu
-        mparams.use_extra_bufts = _use_extra_buffers(lib, options.extra_buffers)
+        mparams.use_extra_bufts = use_extra_buffers(lib, options.extra_buffers)
         if options.tensor_split:
             self._split_array = (ctypes.c_float * int(lib.llama_max_devices()))(*options.tensor_split)
             mparams.tensor_split = self._split_array
@@ -357,7 +268,6 @@ class GgufModel:
         if not model:
             raise ModelLoadError(path, "llama.cpp could not load it (corrupt, truncated or unsupported)")
         self._model: Any = model
-        self._vocab = lib.llama_model_get_vocab(model)
         cparams = lib.llama_context_default_params()
         cparams.n_ctx = options.n_ctx_per_slot * options.n_slots
         cparams.n_batch = options.n_batch
@@ -379,17 +289,12 @@ class GgufModel:
         self._applied: tuple[tuple[Any, float], ...] = ()
         self._memory = lib.llama_get_memory(ctx)
         self._batch: Any = lib.llama_batch_init(options.n_batch, 0, 1)
-        self._pieces: dict[int, bytes] = {}
-        metadata = self._read_metadata()
-        n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
+        from engines.ggufvocab import GgufVocabulary  # here: ggufvocab imports this module's loader
+
+        self._vocabulary = vocab = GgufVocabulary(lib, model, chat_template_override=options.chat_template_override)
+        metadata = vocab.metadata
+        n_vocab = vocab.n_vocab
         self._n_vocab = n_vocab
-        self._bos_text = self._token_text(lib.llama_vocab_bos(self._vocab))
-        template = options.chat_template_override or metadata.get("tokenizer.chat_template")
-        self._template = ChatTemplate(
-            template,
-            bos_token=self._bos_text,
-            eos_token=self._token_text(lib.llama_vocab_eos(self._vocab)),
-        )
         # not llama_model_desc: it guesses the size from the layer count ("llama 256M" for SmolLM2-135M)
         from engines.ggufmeta import model_size  # here, not at the top: ggufmeta imports this module
 
@@ -400,7 +305,7 @@ class GgufModel:
             n_ctx_train=int(lib.llama_model_n_ctx_train(model)),
             n_vocab=n_vocab,
             description=f"{model_size(path)} {quantization or ''}".rstrip(),
-            has_chat_template=template is not None,
+            has_chat_template=vocab.has_chat_template,
             metadata=metadata,
             exact_chunk=_exact_chunk(options.flash_attn),
             quantization=quantization,
@@ -419,77 +324,24 @@ class GgufModel:
     def facts(self) -> ModelFacts:
         return self._facts
 
-    def _read_metadata(self) -> dict[str, str]:
-        lib, out = self._lib, {}
-        size = 8192
-        buf = ctypes.create_string_buffer(size)
-        for i in range(int(lib.llama_model_meta_count(self._model))):
-            n = lib.llama_model_meta_key_by_index(self._model, i, buf, size)
-            key = buf.value.decode("utf-8", "replace") if n >= 0 else ""
-            n = lib.llama_model_meta_val_str_by_index(self._model, i, buf, size)
-            if n >= size:  # a long value (chat templates are often > 8 KiB): retry with room
-                big = ctypes.create_string_buffer(n + 1)
-                lib.llama_model_meta_val_str_by_index(self._model, i, big, n + 1)
-                out[key] = big.value.decode("utf-8", "replace")
-            elif n >= 0:
-                out[key] = buf.value.decode("utf-8", "replace")
-        return out
-
-    def _token_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return self._piece(token, special=True).decode("utf-8", "replace")
-
-    def _piece(self, token: int, *, special: bool) -> bytes:
-        buf = ctypes.create_string_buffer(64)
-        n = self._lib.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = self._lib.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
-        return buf.raw[:n]
-
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
-        if add_special and self._bos_text and text.startswith(self._bos_text):
-            add_special = False  # the chat template already wrote BOS: never double it
-        data = text.encode("utf-8")
-        cap = len(data) + 8
-        buf = (self._lib.llama_token * cap)()
-        n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
-        if n < 0:
-            cap = -n
-            buf = (self._lib.llama_token * cap)()
-            n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
-        return list(buf[:n])
+        return self._vocabulary.tokenize(text, add_special=add_special, parse_special=parse_special)
 
     def token_bytes(self, token: int) -> bytes:
-        piece = self._pieces.get(token)
-        if piece is None:
-            piece = self._piece(token, special=False)
-            self._pieces[token] = piece
-        return piece
+        return self._vocabulary.token_bytes(token)
 
     def is_end_of_generation(self, token: int) -> bool:
-        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+        return self._vocabulary.is_end_of_generation(token)
 
     def render_chat(self, messages: Sequence[ChatMessage], tools: Sequence[dict[str, Any]] = ()) -> str:
-        return self._template.render(messages, tools=tools)
+        return self._vocabulary.render_chat(messages, tools)
 
     @property
     def chat_template(self) -> str:
-        return self._template.source
+        return self._vocabulary.chat_template
 
     def vocabulary(self) -> list[bytes]:
-        lib, out = self._lib, []
-        control = lib.LLAMA_TOKEN_ATTR_CONTROL
-        user_defined = lib.LLAMA_TOKEN_ATTR_USER_DEFINED
-        for token in range(self._n_vocab):
-            piece = self._piece(token, special=True)
-            attr = lib.llama_vocab_get_attr(self._vocab, token)
-            # as llguidance's own llama.cpp reader marks them: control tokens, and added ones like <tool_call>
-            if attr & control or (attr & user_defined and piece.startswith(b"<") and piece.endswith(b">")):
-                piece = b"\xff" + piece
-            out.append(piece)
-        return out
+        return self._vocabulary.vocabulary()
 
     def new_sampler(self, params: SamplingParams) -> GgufSampler:
         return GgufSampler(self._lib, self._ctx, self._n_vocab, params)
@@ -583,7 +435,7 @@ class GgufModel:
             self._model = None
 
 
-def _use_extra_buffers(lib: Any, asked: bool | None) -> bool:
+def use_extra_buffers(lib: Any, asked: bool | None) -> bool:
     """Whether llama.cpp may repack weights into its extra buffer types.
 
     On a CPU with AMX, llama.cpp puts Q4_0/Q4_1/Q8_0 weights in an AMX buffer, and its AMX matmul
@@ -605,7 +457,7 @@ class GgufEngine:
     name = "gguf"
 
     def prepare(self) -> None:
-        _llama()
+        load_llama()
 
     def load(self, path: Path, options: LoadOptions) -> GgufModel:
         return GgufModel(path, options)

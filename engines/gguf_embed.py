@@ -26,7 +26,7 @@ import numpy as np
 
 from engines.base import EngineError, ModelLoadError
 from engines.embeddings import EmbedderFacts, Vectors, check_inputs, l2_normalised
-from engines.gguf import _device_list, _llama, _use_extra_buffers, check_gguf_file
+from engines.gguf import check_gguf_file, device_list, load_llama, use_extra_buffers
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,13 @@ class GgufEmbedder:
         check_gguf_file(path)
         if pooling is not None and pooling not in POOLING_TYPES:
             raise ModelLoadError(path, f"unknown pooling '{pooling}' (use mean, cls or last)")
-        lib = _llama()
+        lib = load_llama()
         self._lib = lib
         mparams = lib.llama_model_default_params()
         mparams.n_gpu_layers = 0
-        self._devices = _device_list((), path)  # an explicit empty list: the CPU, even in a GPU build
+        self._devices = device_list((), path)  # an explicit empty list: the CPU, even in a GPU build
         mparams.devices = ctypes.cast(self._devices, ctypes.c_void_p)
-        mparams.use_extra_bufts = _use_extra_buffers(lib, None)
+        mparams.use_extra_bufts = use_extra_buffers(lib, None)
         model = lib.llama_model_load_from_file(str(path).encode("utf-8"), mparams)
         if not model:
             raise ModelLoadError(path, "llama.cpp could not load it (corrupt, truncated or unsupported)")
