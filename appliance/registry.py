@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import importlib.resources
 import importlib.util
-import sys
 import re
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -106,7 +106,8 @@ class ModelSpec(BaseModel):
                     "add it with `appliance models import FILE`"
                 )
             raise RegistryError(
-                f"model '{self.id}' is shipped in the Python package '{dist}', which is not installed: pip install {dist}"
+                f"model '{self.id}' is shipped in the Python package '{dist}', which is not installed: "
+                f"pip install {dist}"
             )
         return Path(next(iter(spec.submodule_search_locations))) / self.file
 

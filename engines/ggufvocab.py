@@ -45,6 +45,7 @@ class GgufVocabulary:
 
     def __init__(self, lib: Any, model: Any, *, chat_template_override: str | None = None) -> None:
         self._lib = lib
+        self.lib = lib  # for the sampler chain of an engine that has no llama.cpp context
         self._model: Any = model
         self._owned = False
         self._vocab = lib.llama_model_get_vocab(model)

@@ -1,0 +1,269 @@
+"""The ONNX engine: a converted model (``engines.onnx.convert``) run by plain onnxruntime, batched.
+
+Why not onnxruntime-genai's ``Engine``: on a CPU it batches only static cohorts of 4 that run to
+completion before the next is admitted (shared/notes/onnx-route.md), so requests arriving while
+others run wait. Here the appliance's scheduler does the continuous batching, as it does for
+llama.cpp, and this module owns the KV cache:
+
+- One KV buffer per layer and kind, ``[n_slots, kv_heads, n_ctx_per_slot + 1, head_dim]``, bound
+  to ``GroupQueryAttention`` as both past and present, so onnxruntime writes each new token's
+  keys and values in place (its shared-buffer mode) and nothing is copied per step.
+- A step of one-token items (the decode of every running stream) is one call over the rows
+  ``[0, highest slot + 1)``. A row with nothing to do is fed a dummy token at its slot's next free
+  position (or the spare last cell of a full slot), where it overwrites nothing that is kept.
+- A prompt chunk runs alone on its slot's row (batch of one), its logits only where asked.
+- Tokenizer, chat template and sampler chain are llama.cpp's (``ggufvocab``, ``ggufsampler``),
+  read from the ``tokenizer.gguf`` the converter wrote, so text and seeds mean what they mean
+  on the GGUF engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.base import (
+    AdapterLoadError,
+    AdapterSet,
+    BatchItem,
+    ChatMessage,
+    DecodeError,
+    LoadOptions,
+    ModelFacts,
+    ModelLoadError,
+    SamplingParams,
+)
+from engines.onnx.convert import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, OnnxModelConfig
+
+log = logging.getLogger(__name__)
+
+
+def check_onnx_folder(path: Path) -> OnnxModelConfig:
+    """Fail with a clear message unless ``path`` is a folder the converter wrote."""
+    if not path.exists():
+        raise ModelLoadError(path, "the folder does not exist")
+    if not path.is_dir():
+        raise ModelLoadError(path, "an ONNX model is a folder (model.onnx, tokenizer.gguf, appliance-onnx.json)")
+    for name in (MODEL_FILE, TOKENIZER_FILE, CONFIG_FILE):
+        if not (path / name).is_file():
+            raise ModelLoadError(path, f"it has no {name} (convert a GGUF with `appliance models convert`)")
+    try:
+        return OnnxModelConfig.read(path)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(path, f"its {CONFIG_FILE} is not valid ({exc})") from exc
+
+
+class OnnxModel:
+    """A converted model in one onnxruntime session with ``n_slots`` sequence slots."""
+
+    def __init__(self, path: Path, options: LoadOptions) -> None:
+        config = check_onnx_folder(path)
+        try:
+            import onnxruntime
+        except ImportError as exc:
+            raise ModelLoadError(path, f"onnxruntime is not installed ({exc})") from exc
+        from engines.ggufsampler import ArraySampler
+        from engines.ggufvocab import GgufVocabulary
+
+        self._sampler_class = ArraySampler
+        self._config = config
+        self._options = options
+        self._vocab = GgufVocabulary.open(path / TOKENIZER_FILE, chat_template_override=options.chat_template_override)
+        so = onnxruntime.SessionOptions()
+        so.intra_op_num_threads = max(1, options.n_threads)
+        so.inter_op_num_threads = 1
+        so.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        # spinning threads would take the cores from the HTTP server and the other engines' work
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self._session = onnxruntime.InferenceSession(str(path / MODEL_FILE), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own untyped errors for a bad file
+            self._vocab.close()
+            raise ModelLoadError(path, f"onnxruntime cannot load it: {exc}") from exc
+        n_ctx = min(options.n_ctx_per_slot, config.n_ctx_train)
+        self._n_ctx = n_ctx
+        shape = (options.n_slots, config.n_head_kv, n_ctx + 1, config.head_dim)  # + the spare cell
+        self._kv = {
+            f"{i}.{kind}": np.zeros(shape, dtype=np.float32) for i in range(config.n_layer) for kind in ("key", "value")
+        }
+        self._length = [0] * options.n_slots  # positions written per slot (what a dummy row skips)
+        self._bindings: dict[tuple[int, int], Any] = {}
+        self._outputs: list[np.ndarray] = []
+        self._lock = threading.Lock()
+        kv_bytes = sum(a.nbytes for a in self._kv.values())
+        self._facts = ModelFacts(
+            n_ctx_per_slot=n_ctx,
+            n_slots=options.n_slots,
+            n_ctx_train=config.n_ctx_train,
+            n_vocab=config.n_vocab,
+            description=f"{config.source} as ONNX {config.precision}",
+            has_chat_template=self._vocab.has_chat_template,
+            metadata=self._vocab.metadata,
+            exact_chunk=2,
+            quantization=config.precision,
+            backend="cpu",
+        )
+        log.info(
+            "loaded %s (ONNX %s): %d slots x %d tokens, KV cache %.0f MiB",
+            path.name,
+            config.precision,
+            options.n_slots,
+            n_ctx,
+            kv_bytes / 2**20,
+        )
+
+    @property
+    def facts(self) -> ModelFacts:
+        return self._facts
+
+    # -- text: llama.cpp's vocabulary functions on the tokenizer.gguf
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        return self._vocab.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def vocabulary(self) -> list[bytes]:
+        return self._vocab.vocabulary()
+
+    def token_bytes(self, token: int) -> bytes:
+        return self._vocab.token_bytes(token)
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return self._vocab.is_end_of_generation(token)
+
+    def render_chat(self, messages: Sequence[ChatMessage], tools: Sequence[dict[str, Any]] = ()) -> str:
+        return self._vocab.render_chat(messages, tools)
+
+    @property
+    def chat_template(self) -> str:
+        return self._vocab.chat_template
+
+    def new_sampler(self, params: SamplingParams) -> Any:
+        return self._sampler_class(self._vocab.lib, self._config.n_vocab, params, self._row)
+
+    def _row(self, output_index: int) -> np.ndarray:
+        return self._outputs[output_index]
+
+    # -- adapters: not in this engine yet
+
+    def load_adapter(self, path: Path, name: str) -> Any:
+        raise AdapterLoadError(path, "the ONNX engine does not apply LoRA adapters; serve the model as GGUF for them")
+
+    # -- the KV cache
+
+    def truncate_slot(self, slot: int, n_keep: int) -> None:
+        # cells past a row's length are never read: forgetting is only lowering the length
+        with self._lock:
+            self._length[slot] = min(self._length[slot], max(0, n_keep))
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        with self._lock:
+            n = self._length[src]
+            for buffer in self._kv.values():
+                buffer[dst, :, :n] = buffer[src, :, :n]
+            self._length[dst] = n
+
+    # -- evaluation
+
+    def decode(self, items: Sequence[BatchItem], adapters: AdapterSet = ()) -> list[list[int]]:
+        if adapters:
+            raise DecodeError("the ONNX engine does not apply LoRA adapters")
+        with self._lock:
+            outputs: list[np.ndarray] = []
+            indices: list[list[int]] = [[] for _ in items]
+            for item in items:
+                if item.start_pos + len(item.tokens) > self._n_ctx:
+                    raise DecodeError(
+                        f"slot {item.slot} holds {self._n_ctx} tokens; {item.start_pos + len(item.tokens)} asked",
+                        no_space=True,
+                    )
+            steps = [i for i, item in enumerate(items) if len(item.tokens) == 1 and item.n_outputs <= 1]
+            if steps:
+                logits = self._step([items[i] for i in steps])
+                for i in steps:
+                    if items[i].n_outputs:
+                        indices[i].append(len(outputs))
+                        outputs.append(logits[items[i].slot])
+            for i, item in enumerate(items):
+                if i in steps:
+                    continue
+                rows = self._prompt(item)
+                for row in rows:
+                    indices[i].append(len(outputs))
+                    outputs.append(row)
+            self._outputs = outputs
+            return indices
+
+    def _binding(self, first: int, stop: int) -> Any:
+        """An IOBinding of the rows [first, stop) of every KV buffer, as past and present alike."""
+        binding = self._bindings.get((first, stop))
+        if binding is None:
+            binding = self._session.io_binding()
+            for name, buffer in self._kv.items():
+                rows = buffer[first:stop]
+                layer, kind = name.split(".")
+                binding.bind_input(
+                    f"past_key_values.{layer}.{kind}", "cpu", 0, np.float32, rows.shape, rows.ctypes.data
+                )
+                binding.bind_output(f"present.{layer}.{kind}", "cpu", 0, np.float32, rows.shape, rows.ctypes.data)
+            self._bindings[(first, stop)] = binding
+        return binding
+
+    def _run(self, binding: Any, ids: np.ndarray, lengths: np.ndarray, keep: int) -> np.ndarray:
+        mask = (np.arange(int(lengths.max()))[None, :] < lengths[:, None]).astype(np.int64)
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_cpu_input("logits_to_keep", np.array([keep], dtype=np.int64))
+        binding.bind_output("logits")
+        try:
+            self._session.run_with_iobinding(binding)
+        except Exception as exc:  # onnxruntime's errors are untyped
+            raise DecodeError(f"onnxruntime failed: {exc}") from exc
+        logits: np.ndarray = binding.get_outputs()[-1].numpy()
+        return logits
+
+    def _step(self, items: Sequence[BatchItem]) -> np.ndarray:
+        """One token for each item, all rows up to the highest slot in one call; logits per row."""
+        stop = max(item.slot for item in items) + 1
+        ids = np.zeros((stop, 1), dtype=np.int64)
+        # a row with no item writes its dummy token at its next free cell: nothing kept is touched
+        lengths = np.array([min(n, self._n_ctx) + 1 for n in self._length[:stop]], dtype=np.int64)
+        for item in items:
+            ids[item.slot, 0] = item.tokens[0]
+            lengths[item.slot] = item.start_pos + 1
+        logits = self._run(self._binding(0, stop), ids, lengths, 1)
+        for item in items:
+            self._length[item.slot] = item.start_pos + 1
+        return logits[:, 0, :]
+
+    def _prompt(self, item: BatchItem) -> list[np.ndarray]:
+        """A chunk of one sequence alone on its row; the logits of its last ``n_outputs`` tokens."""
+        ids = np.asarray(item.tokens, dtype=np.int64)[None, :]
+        end = item.start_pos + len(item.tokens)
+        keep = max(1, item.n_outputs)
+        logits = self._run(self._binding(item.slot, item.slot + 1), ids, np.array([end]), keep)
+        self._length[item.slot] = end
+        return list(logits[0, keep - item.n_outputs :]) if item.n_outputs else []
+
+    def close(self) -> None:
+        with self._lock:
+            self._bindings.clear()
+            self._session = None
+            self._kv.clear()
+            self._vocab.close()
+
+
+class OnnxEngine:
+    """The ``onnx`` engine: loads model folders written by ``engines.onnx.convert``."""
+
+    name = "onnx"
+
+    def prepare(self) -> None:
+        import onnxruntime  # noqa: F401  (import cost paid at start-up, while planning)
+
+    def load(self, path: Path, options: LoadOptions) -> OnnxModel:
+        return OnnxModel(path, options)
