@@ -24,8 +24,8 @@ from appliance.hardware.planner import ModelPlan, ModelRequest, Overrides, plan_
 from appliance.hardware.report import HardwareReport, build_report, hardware_summary
 from appliance.modelstore import ModelFileError
 from appliance.registry import ModelSpec, Registry, RegistryError, load_registry
+from engines import formats
 from engines.base import Engine, LoadOptions, ModelLoadError, SamplingParams
-from engines.ggufmeta import model_shape
 
 if TYPE_CHECKING:
     from appliance.embedding import EmbedderLoader, EmbeddingModels
@@ -55,11 +55,10 @@ def prepare_engines(settings: Settings) -> None:
 
 def engine_class(name: str) -> type[Engine]:
     """The engine that loads models of this format (models.toml's ``engine``)."""
-    if name == "gguf":
-        from engines.gguf import GgufEngine
-
-        return GgufEngine
-    raise StartupError(f"no engine '{name}' in this build; known: gguf")
+    try:
+        return formats.engine_class(name)
+    except KeyError as exc:
+        raise StartupError(str(exc.args[0])) from exc
 
 
 class StartupError(Exception):
@@ -146,7 +145,7 @@ def model_request(
             where[name] = f"models.toml ({spec.id}.{name})"
     overrides = Overrides(**values, sources=where)
     try:
-        shape = model_shape(spec.resolve_file(paths.models_dir))
+        shape = formats.model_shape(spec.resolve_file(paths.models_dir), spec.engine)
     except (RegistryError, ModelLoadError) as exc:
         return ModelRequest(spec.id, spec.engine, None, overrides, problem=str(exc))
     return ModelRequest(spec.id, spec.engine, shape, overrides)

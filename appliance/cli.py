@@ -154,9 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
     msub = models.add_subparsers(dest="models_command", required=True)
     ls = msub.add_parser("list", help="list known models")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
-    imp = msub.add_parser("import", help="import a GGUF file into the model store")
+    imp = msub.add_parser("import", help="import a GGUF file (or a converted ONNX folder) into the model store")
     imp.add_argument("file", type=Path)
     imp.add_argument("--id", dest="model_id", help="model id (default: from the file name)")
+    conv = msub.add_parser("convert", help="convert a GGUF model of the store to ONNX, offline, as a new model")
+    conv.add_argument("model", help="the GGUF model's id (see `appliance models list`)")
+    conv.add_argument("--to", choices=["onnx"], default="onnx", help="the format (default: onnx)")
+    conv.add_argument(
+        "--precision",
+        choices=["int4", "fp32"],
+        default="int4",
+        help="int4 keeps the GGUF's 4/8-bit blocks as they are (default); fp32 dequantizes them",
+    )
+    conv.add_argument("--id", dest="model_id", help="the new model's id (default: MODEL-onnx-PRECISION)")
     doctor = sub.add_parser("doctor", help="what hardware is here, and what each model will run on and why")
     doctor.add_argument("--json", action="store_true", help="machine-readable output (as /v1/appliance/hardware)")
     doctor.add_argument(
@@ -224,6 +234,23 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
     paths = app_paths()
     try:
+        if args.models_command == "convert":
+            from appliance.modelconvert import convert_model
+
+            spec = convert_model(
+                paths,
+                args.model,
+                to=args.to,
+                precision=args.precision,
+                model_id=args.model_id,
+                progress=sys.stderr.isatty(),
+            )
+            print(
+                f"converted {args.model} to {spec.id}: {spec.description}, "
+                f"{spec.size_bytes} bytes, sha256 {spec.sha256}"
+            )
+            print(f"serve it with: appliance serve --model {spec.id}")
+            return 0
         if args.models_command == "import":
             spec = import_model(paths, args.file, args.model_id, progress=sys.stderr.isatty())
             print(

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from appliance.config import Paths
 from appliance.registry import MODEL_ID_RE, ModelSpec, RegistryError, load_registry
+from engines import formats
 from engines.base import ModelLoadError
 from engines.ggufmeta import read_gguf_info
 
@@ -54,6 +55,21 @@ def sha256_file(path: Path, *, progress: bool = True) -> str:
         return hash_stream(fh, path.stat().st_size, f"sha256 {path.name}", progress=progress)
 
 
+def sha256_path(path: Path, *, progress: bool = True) -> str:
+    """A file's sha256; a model folder's is that of its manifest, a "sha256  name" line per file."""
+    if not path.is_dir():
+        return sha256_file(path, progress=progress)
+    lines = [f"{sha256_file(f, progress=progress)}  {f.name}\n" for f in sorted(path.iterdir()) if f.is_file()]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def path_size(path: Path) -> int:
+    """A file's size, or the sum of a model folder's files."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    return path.stat().st_size
+
+
 def suggest_id(path: Path) -> str:
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem.lower()).strip("-.") or "model"
     return stem[:128]
@@ -62,6 +78,10 @@ def suggest_id(path: Path) -> str:
 def import_model(paths: Paths, source: Path, model_id: str | None = None, *, progress: bool = True) -> ModelSpec:
     """Validate, copy into the store, hash, and register a GGUF file (as an embedding model if it is one)."""
     source = source.expanduser()
+    if source.is_dir():  # a converted ONNX model is a folder
+        from appliance.modelconvert import import_folder
+
+        return import_folder(paths, source, model_id, progress=progress)
     try:
         info = read_gguf_info(source)
     except ModelLoadError as exc:
@@ -96,12 +116,12 @@ def import_model(paths: Paths, source: Path, model_id: str | None = None, *, pro
         description=info.name,
         source=str(paths.models_file),
     )
-    _add_to_user_registry(paths, spec)
-    _remember_verified(paths, target, digest)
+    add_to_user_registry(paths, spec)
+    remember_verified(paths, target, digest)
     return spec
 
 
-def _add_to_user_registry(paths: Paths, spec: ModelSpec) -> None:
+def add_to_user_registry(paths: Paths, spec: ModelSpec) -> None:
     data: dict[str, Any] = {}
     if paths.models_file.exists():
         data = tomllib.loads(paths.models_file.read_text("utf-8"))
@@ -123,11 +143,13 @@ def _verified_cache(paths: Paths) -> dict[str, Any]:
 
 
 def _file_key(path: Path) -> str:
+    if path.is_dir():
+        return ";".join(f"{f.name}:{_file_key(f)}" for f in sorted(path.iterdir()) if f.is_file())
     st = path.stat()
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def _remember_verified(paths: Paths, path: Path, digest: str) -> None:
+def remember_verified(paths: Paths, path: Path, digest: str) -> None:
     cache = _verified_cache(paths)
     cache[str(path.resolve())] = {"key": _file_key(path), "sha256": digest}
     paths.home.mkdir(parents=True, exist_ok=True)
@@ -137,27 +159,34 @@ def _remember_verified(paths: Paths, path: Path, digest: str) -> None:
 
 
 def verify_model_file(paths: Paths, spec: ModelSpec, *, check_sha256: bool = True, progress: bool = True) -> Path:
-    """Return the spec's file path after checking it exists, is GGUF and matches its sha256."""
+    """Return the spec's file (or ONNX folder) after checking it exists, is sound and matches its sha256."""
     try:
         path = spec.resolve_file(paths.models_dir)
     except RegistryError as exc:
         raise ModelFileError(str(exc)) from exc
-    if not path.is_file():
+    if not path.exists():
         raise ModelFileError(f"model '{spec.id}': file {path} does not exist")
-    if spec.size_bytes is not None and path.stat().st_size != spec.size_bytes:
+    if path.is_dir():
+        try:
+            formats.check_model(path, spec.engine)
+        except ModelLoadError as exc:
+            raise ModelFileError(f"model '{spec.id}': {exc}") from exc
+    elif not path.is_file():
+        raise ModelFileError(f"model '{spec.id}': {path} is not a regular file")
+    if spec.size_bytes is not None and path_size(path) != spec.size_bytes:
         raise ModelFileError(
-            f"model '{spec.id}': file {path} has {path.stat().st_size} bytes, models.toml says "
+            f"model '{spec.id}': file {path} has {path_size(path)} bytes, models.toml says "
             f"{spec.size_bytes}: the file is truncated or was replaced"
         )
     if check_sha256 and spec.sha256:
         cached = _verified_cache(paths).get(str(path.resolve()), {})
         if cached.get("key") == _file_key(path) and cached.get("sha256") == spec.sha256:
             return path
-        digest = sha256_file(path, progress=progress)
+        digest = sha256_path(path, progress=progress)
         if digest != spec.sha256:
             raise ModelFileError(
                 f"model '{spec.id}': file {path} is corrupt or was replaced "
                 f"(sha256 {digest[:16]}…, expected {spec.sha256[:16]}…)"
             )
-        _remember_verified(paths, path, digest)
+        remember_verified(paths, path, digest)
     return path

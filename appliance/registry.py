@@ -81,8 +81,6 @@ class ModelSpec(BaseModel):
             raise ValueError("give exactly one of 'path' or 'package' (+ 'file')")
         if self.package is not None and not self.file:
             raise ValueError("'package' needs 'file', the file's name inside the package")
-        if self.engine == "onnx" and self.kind != "embedding":
-            raise ValueError("engine 'onnx' serves embedding models only: add kind = \"embedding\"")
         if self.kind != "embedding" and (self.pooling is not None or self.matryoshka):
             raise ValueError("'pooling' and 'matryoshka' are for embedding models (kind = \"embedding\")")
         return self

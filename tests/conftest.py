@@ -47,6 +47,16 @@ def default_model_path() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def onnx_model_dir(default_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model converted to ONNX (int4), as `appliance models convert` does it (~7 s)."""
+    from engines.onnx.convert import convert
+
+    out = tmp_path_factory.mktemp("onnx") / "smollm2-onnx-int4"
+    convert(default_model_path, out)
+    return out
+
+
 @dataclass
 class LiveServer:
     process: subprocess.Popen[str]

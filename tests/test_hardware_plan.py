@@ -305,3 +305,32 @@ def test_metal_unified_memory() -> None:
 def test_unknown_model_file_is_an_error_not_a_crash() -> None:
     (p,) = plan_models(machine(cpu_build()), [ModelRequest("gone", "gguf", None, problem="the file does not exist")])
     assert p.error == "the file does not exist" and p.memory == ()
+
+
+def onnx_runtime(*providers: str) -> EngineCapabilities:
+    return EngineCapabilities(
+        "onnx", "onnxruntime 1.32.0", True, "CUDAExecutionProvider" in providers, providers=providers
+    )
+
+
+def onnx_plan(hw: HardwareFacts, shape: ModelShape, device: str = "auto") -> ModelPlan:
+    return plan_models(hw, [ModelRequest("m-onnx", "onnx", shape, Overrides(device=device))])[0]  # type: ignore[arg-type]
+
+
+def test_onnx_models_run_on_the_cpu_and_say_why(onnx_model_dir: Path) -> None:
+    from engines.formats import model_shape as any_shape
+
+    shape = any_shape(onnx_model_dir, "onnx")
+    assert shape.n_layer == 30 and shape.kv_bytes_per_token == (2 * 3 * 64 * 4,) * 30
+    cpu_only = onnx_plan(machine(onnx_runtime("CPUExecutionProvider")), shape)
+    assert cpu_only.device.value == "cpu" and cpu_only.error is None
+    assert "runs on the CPU" in cpu_only.device.reason
+    # a T4 with the CPU onnxruntime: install the GPU build, alone
+    no_cuda = onnx_plan(machine(onnx_runtime("CPUExecutionProvider"), nvidia("tesla-t4.xml")), shape)
+    assert "install onnxruntime-gpu" in no_cuda.device.reason and "uninstall onnxruntime" in no_cuda.device.reason
+    # onnxruntime-gpu sees CUDA: the engine still runs on the CPU, and says so
+    gpu_ort = machine(onnx_runtime("CUDAExecutionProvider", "CPUExecutionProvider"), nvidia("tesla-t4.xml"))
+    assert onnx_plan(gpu_ort, shape).device.value == "cpu"
+    assert "host memory" in onnx_plan(gpu_ort, shape).device.reason
+    forced = onnx_plan(gpu_ort, shape, device="cuda")
+    assert forced.error is not None and "serve the GGUF model for GPU offload" in forced.error

@@ -242,6 +242,24 @@ def _threads(cpu: CpuFacts, o: Overrides, advice: list[Advice]) -> Decision[int]
     return Decision(value=value, reason=reason)
 
 
+def onnx_cpu_reason(caps: EngineCapabilities, hw: HardwareFacts) -> str:
+    """Why an ONNX model runs on the CPU here, naming what onnxruntime found."""
+    providers = ", ".join(caps.providers) or "none"
+    if not caps.installed:
+        return f"onnxruntime is not installed ({caps.detail})"
+    if "CUDAExecutionProvider" in caps.providers:
+        return (
+            f"onnxruntime has CUDA ({providers}), but the ONNX engine keeps its KV cache in host memory and "
+            "runs on the CPU so far: serve the GGUF model for GPU offload"
+        )
+    if any(g.vendor == "nvidia" for g in hw.gpus):
+        return (
+            f"an NVIDIA GPU is here but this onnxruntime has no CUDA provider ({providers}): install onnxruntime-gpu "
+            "and uninstall onnxruntime (both installed at once shadow each other); the ONNX engine runs on the CPU"
+        )
+    return f"the ONNX engine runs on the CPU (onnxruntime providers: {providers})"
+
+
 def _device(
     request: ModelRequest, usable: dict[str, list[_Gpu]], hw: HardwareFacts, caps: EngineCapabilities | None
 ) -> tuple[Decision[str], str | None]:
@@ -249,6 +267,9 @@ def _device(
     o = request.overrides
     available = [key for key in GPU_ORDER if usable.get(key)]
     if o.device != "auto":
+        if request.engine == "onnx" and o.device != "cpu":
+            error = f"{o.source('device')} {o.device}: {onnx_cpu_reason(caps, hw)}" if caps else None
+            return Decision(value=o.device, reason="not available (see the error)", source=o.source("device")), error
         if o.device == "cpu" or o.device in available:
             return Decision(value=o.device, reason="set by the user", source=o.source("device")), None
         present = [g for g in hw.gpus if VENDOR_BACKEND.get(g.vendor) == o.device]
@@ -269,6 +290,8 @@ def _device(
         return Decision(value=key, reason=f"{BACKEND_NAMES[key]}: {names}{others}"), None
     if caps is None:
         return Decision(value="cpu", reason="the engine probe did not answer, so GPU offload is off"), None
+    if request.engine == "onnx":
+        return Decision(value="cpu", reason=onnx_cpu_reason(caps, hw)), None
     if hw.gpus:
         return Decision(value="cpu", reason="the GPU found is not usable by this llama.cpp build (see advice)"), None
     return Decision(value="cpu", reason="no GPU found"), None

@@ -1,11 +1,11 @@
 """ONNX models through onnxruntime: what the installed onnxruntime can run on, a check that it runs
 a given model, and CPU sessions for the ONNX embedding engine (``engines.onnx_embed``).
 
-This is the only module that imports ``onnxruntime``. The hardware report lists its execution
+This package is the only one that imports ``onnxruntime``. The hardware report lists its execution
 providers (CUDA, ROCm/MIGraphX, DirectML, CPU) so a user sees whether the GPU build
 (``onnxruntime-gpu``) is the one installed; ``check_model`` runs one inference so a user (and the
 single executable's tests) can see that the runtime really works here, not only that it imports.
-The generative ONNX engine itself is not built yet.
+The generative engine is ``engines.onnx.model``, on folders written by ``engines.onnx.convert``.
 """
 
 from __future__ import annotations

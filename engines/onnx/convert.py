@@ -84,7 +84,7 @@ def convert(
     out_dir: Path,
     *,
     precision: str = "int4",
-    accuracy_level: int = 0,
+    accuracy_level: int = 4,
     progress: Progress | None = None,
 ) -> OnnxModelConfig:
     """Convert ``gguf_path`` into the folder ``out_dir`` (created; must not hold a model yet)."""
@@ -351,7 +351,7 @@ class _Graph:
 
         self._sums: dict[str, str] = {}
         self.embed_blocks: _Blocks | None = None
-        kv_shape = ["batch", self.n_head_kv, "past_sequence_length", self.head_dim]
+        kv_shape: list[str | int] = ["batch", self.n_head_kv, "past_sequence_length", self.head_dim]
         inputs = [
             helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence_length"]),
             helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence_length"]),

@@ -36,6 +36,7 @@ from engines.base import (
     LoadOptions,
     ModelFacts,
     ModelLoadError,
+    ModelShape,
     SamplingParams,
 )
 from engines.onnx.convert import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, OnnxModelConfig
@@ -56,6 +57,26 @@ def check_onnx_folder(path: Path) -> OnnxModelConfig:
         return OnnxModelConfig.read(path)
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelLoadError(path, f"its {CONFIG_FILE} is not valid ({exc})") from exc
+
+
+def onnx_model_shape(path: Path) -> ModelShape:
+    """The planner's sizes for a converted folder: weights from the files, KV cache as this engine keeps it."""
+    config = check_onnx_folder(path)
+    weights = sum(f.stat().st_size for f in path.iterdir() if f.name.startswith(MODEL_FILE))
+    per_layer = weights // max(1, config.n_layer + 1)  # the embeddings and head ~ one layer's worth
+    return ModelShape(
+        architecture=config.architecture,
+        n_layer=config.n_layer,
+        n_embd=config.n_embd,
+        n_vocab=config.n_vocab,
+        n_ctx_train=config.n_ctx_train,
+        layer_bytes=(per_layer,) * config.n_layer,
+        output_bytes=0,
+        tied_output=True,
+        input_bytes=weights - per_layer * config.n_layer,
+        kv_bytes_per_token=(2 * config.n_head_kv * config.head_dim * 4,) * config.n_layer,  # f32 K and V
+        file_bytes=weights,
+    )
 
 
 class OnnxModel:

@@ -1,0 +1,153 @@
+"""Models that are folders: a GGUF of the store converted to ONNX, or such a folder imported.
+
+``appliance models convert MODEL --to onnx`` runs the converter (``engines.onnx.convert``: gguf,
+numpy and onnx only, no PyTorch) into a hidden folder of the store, moves it into place only
+once it is complete, hashes it and registers it as a new model, so the default install serves
+its default model through ONNX with no download. A folder's sha256 is that of its manifest
+(``modelstore.sha256_path``), checked at start-up as a file's is.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from appliance.config import Paths
+from appliance.modelstore import (
+    ModelFileError,
+    add_to_user_registry,
+    path_size,
+    remember_verified,
+    sha256_path,
+    verify_model_file,
+)
+from appliance.registry import MODEL_ID_RE, ModelSpec, RegistryError, load_registry
+from engines import formats
+from engines.base import ModelLoadError
+from engines.onnx.convert import OnnxModelConfig
+
+TARGETS = ("onnx",)
+PRECISIONS = ("int4", "fp32")
+
+
+def _new_id(paths: Paths, model_id: str) -> None:
+    if not MODEL_ID_RE.match(model_id):
+        raise ModelFileError(f"invalid model id '{model_id}': use letters, digits, '.', '_', ':' or '-'")
+    if model_id in load_registry(paths):
+        raise ModelFileError(f"a model named '{model_id}' already exists; choose another with --id")
+    if (paths.models_dir / model_id).exists():
+        raise ModelFileError(f"{paths.models_dir / model_id} already exists; choose another id with --id")
+
+
+def convert_model(
+    paths: Paths,
+    name: str,
+    *,
+    to: str = "onnx",
+    precision: str = "int4",
+    model_id: str | None = None,
+    progress: bool = True,
+) -> ModelSpec:
+    """Convert the GGUF model ``name`` of the registry and register the result."""
+    if to not in TARGETS:
+        raise ModelFileError(f"cannot convert to '{to}' (known: {', '.join(TARGETS)})")
+    if precision not in PRECISIONS:
+        raise ModelFileError(f"unknown precision '{precision}' (known: {', '.join(PRECISIONS)})")
+    try:
+        source = load_registry(paths).get(name)
+    except RegistryError as exc:
+        raise ModelFileError(str(exc)) from exc
+    if source.engine != "gguf" or source.kind != "chat":
+        raise ModelFileError(f"'{source.id}' is not a GGUF chat model: only those convert to ONNX")
+    model_id = model_id or f"{source.id}-onnx-{precision}"
+    _new_id(paths, model_id)
+    gguf_file = verify_model_file(paths, source, progress=progress)
+    try:
+        from engines.onnx.convert import ConversionError, convert
+    except ImportError as exc:
+        if getattr(sys, "frozen", False):
+            raise ModelFileError(
+                "this single executable leaves the converter out (the onnx package, 31 MB): convert with the "
+                "pip-installed appliance, then copy the folder here and `appliance models import FOLDER`"
+            ) from exc
+        raise ModelFileError(f"the converter needs the onnx package ({exc}): pip install onnx") from exc
+    paths.models_dir.mkdir(parents=True, exist_ok=True)
+    target = paths.models_dir / model_id
+    partial = paths.models_dir / f".{model_id}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    bar: tqdm[Any] = tqdm(desc=f"converting {source.id}", unit="step", disable=not progress, leave=False)
+
+    def report(step: str, done: int, total: int) -> None:
+        bar.total = total
+        bar.set_postfix_str(step)
+        bar.n = done
+        bar.refresh()
+
+    try:
+        with bar:
+            config = convert(gguf_file, partial, precision=precision, progress=report)
+        partial.rename(target)
+    except ConversionError as exc:
+        raise ModelFileError(f"cannot convert '{source.id}': {exc}") from exc
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    description = f"{source.id} converted to ONNX ({precision}, from {config.quantization})"
+    return _register(
+        paths,
+        target,
+        config,
+        progress,
+        description=description,
+        license=source.license,
+        chat_template=source.chat_template,
+    )
+
+
+def import_folder(paths: Paths, source: Path, model_id: str | None, *, progress: bool = True) -> ModelSpec:
+    """Copy a converted ONNX folder into the store and register it."""
+    if (source / "genai_config.json").is_file() and not (source / "tokenizer.gguf").is_file():
+        raise ModelFileError(
+            f"{source} is an onnxruntime-genai model folder: the ONNX engine serves folders written by "
+            "`appliance models convert` (it tokenizes with the GGUF's own vocabulary); import the GGUF "
+            "and convert it instead"
+        )
+    try:
+        formats.check_model(source, "onnx")
+        config = OnnxModelConfig.read(source)
+    except ModelLoadError as exc:
+        raise ModelFileError(str(exc)) from exc
+    model_id = model_id or source.name.lower()
+    _new_id(paths, model_id)
+    target = paths.models_dir / model_id
+    partial = paths.models_dir / f".{model_id}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        shutil.copytree(source, partial)
+        partial.rename(target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return _register(paths, target, config, progress, description=f"{config.source} as ONNX ({config.precision})")
+
+
+def _register(paths: Paths, folder: Path, config: OnnxModelConfig, progress: bool, **fields: Any) -> ModelSpec:
+    """Hash the folder now in the store and add it to the user's models.toml."""
+    digest = sha256_path(folder, progress=progress)
+    spec = ModelSpec(
+        id=folder.name,
+        engine="onnx",
+        path=folder.name,
+        sha256=digest,
+        size_bytes=path_size(folder),
+        context_length=config.n_ctx_train,
+        quantization=f"onnx-{config.precision}",
+        architecture=config.architecture,
+        source=str(paths.models_file),
+        **fields,
+    )
+    add_to_user_registry(paths, spec)
+    remember_verified(paths, folder, digest)
+    return spec
