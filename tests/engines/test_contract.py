@@ -1,5 +1,6 @@
-"""The engine contract, run against every engine on the real default model: GGUF as shipped, and
-the same model converted to ONNX (int4) by ``appliance models convert``'s converter.
+"""The engine contract, run against every engine: GGUF on the real default model as shipped, the
+same model converted to ONNX (int4) by ``appliance models convert``'s converter, and the small
+deterministic fake engine of the fast test tier (tests/engines/fake.py).
 
 What the scheduler relies on: text survives tokenization, chats render alike, greedy decoding is
 deterministic and the same alone or batched with other slots, a prompt fed in chunks gives what
@@ -10,13 +11,15 @@ not see each other, and bad files fail with ``ModelLoadError``.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from engines import formats
-from engines.base import BatchItem, ChatMessage, LoadedModel, LoadOptions, ModelLoadError, SamplingParams
+from engines.base import BatchItem, ChatMessage, Engine, LoadedModel, LoadOptions, ModelLoadError, SamplingParams
+from tests.engines.fake import FakeEngine, write_model
 
 OPTIONS = LoadOptions(n_ctx_per_slot=512, n_slots=4, n_threads=2, n_threads_batch=2)
 QUESTIONS = [
@@ -27,10 +30,24 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["gguf", "onnx"])
-def model(request: pytest.FixtureRequest, default_model_path: Path) -> Iterator[LoadedModel]:
-    path = default_model_path if request.param == "gguf" else request.getfixturevalue("onnx_model_dir")
-    loaded = formats.engine_class(request.param)().load(path, OPTIONS)
+ENGINES = [*formats.FORMATS, "fake"]
+
+
+def engine(name: str) -> Engine:
+    return FakeEngine() if name == "fake" else formats.engine_class(name)()
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def model(
+    request: pytest.FixtureRequest, default_model_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LoadedModel]:
+    if request.param == "fake":
+        path = write_model(tmp_path_factory.mktemp("fake") / "fake.json")
+    else:
+        path = default_model_path if request.param == "gguf" else request.getfixturevalue("onnx_model_dir")
+    # the fake engine's tokens are bytes: its prompts are longer
+    options = replace(OPTIONS, n_ctx_per_slot=4096) if request.param == "fake" else OPTIONS
+    loaded = engine(request.param).load(path, options)
     yield loaded
     loaded.close()
 
@@ -149,22 +166,23 @@ def test_slots_are_isolated(model: LoadedModel) -> None:
     assert generate(model, [0], [prompt(model, QUESTIONS[0])], 10)[0] == base
 
 
-@pytest.mark.parametrize("engine", formats.FORMATS)
-def test_missing_and_corrupt_files_fail_clearly(engine: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ENGINES)
+def test_missing_and_corrupt_files_fail_clearly(name: str, tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="does not exist"):
-        formats.engine_class(engine)().load(tmp_path / "nothing-here", OPTIONS)
+        engine(name).load(tmp_path / "nothing-here", OPTIONS)
     bad = tmp_path / "bad"
-    if engine == "onnx":
+    if name == "onnx":
         bad.mkdir()
         (bad / "model.onnx").write_bytes(b"not a model")
     else:
         bad.write_bytes(b"not a model")
     with pytest.raises(ModelLoadError):
-        formats.engine_class(engine)().load(bad, OPTIONS)
+        engine(name).load(bad, OPTIONS)
 
 
-def test_close_twice(default_model_path: Path, onnx_model_dir: Path) -> None:
-    for engine, path in (("gguf", default_model_path), ("onnx", onnx_model_dir)):
-        loaded = formats.engine_class(engine)().load(path, LoadOptions(n_ctx_per_slot=256, n_slots=1))
+def test_close_twice(default_model_path: Path, onnx_model_dir: Path, tmp_path: Path) -> None:
+    fake = write_model(tmp_path / "fake.json")
+    for name, path in (("gguf", default_model_path), ("onnx", onnx_model_dir), ("fake", fake)):
+        loaded = engine(name).load(path, LoadOptions(n_ctx_per_slot=256, n_slots=1))
         loaded.close()
         loaded.close()
