@@ -127,3 +127,21 @@ def test_cancelled_stream_frees_its_slot_and_is_logged(client: Any, server: Live
     assert any(row["status"] == "cancelled" for row in rows)
     row = httpx.get(f"{server.base_url}/v1/appliance/logs/{answer.id}", timeout=10).json()
     assert (row["model"], row["engine"], row["quantization"]) == (ONNX_ID, "onnx", "int4")
+
+
+def test_structured_output_and_seeds(client: Any) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 30}, "population": {"type": "integer", "minimum": 0}},
+        "required": ["city", "population"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}}
+    for seed in (1, 2, 3):
+        answer = ask(
+            client, "Describe a large city as JSON.", temperature=1.0, seed=seed, max_tokens=60, response_format=fmt
+        )
+        data = json.loads(answer.choices[0].message.content)
+        assert set(data) == {"city", "population"} and isinstance(data["population"], int)
+    first = ask(client, QUESTIONS[1], temperature=1.0, seed=42).choices[0].message.content
+    assert ask(client, QUESTIONS[1], temperature=1.0, seed=42).choices[0].message.content == first
