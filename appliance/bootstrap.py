@@ -110,7 +110,7 @@ def load_runner(spec: ModelSpec, settings: Settings, paths: Paths, plan: ModelPl
         "model_sha256": spec.sha256,
         "quantization": model.facts.quantization or spec.quantization,
         "engine": spec.engine,
-        "backend": "llama.cpp" if spec.engine == "gguf" else spec.engine,
+        "backend": formats.RUNTIMES.get(spec.engine, spec.engine),
         "device": model.facts.backend,
     }
     return ModelRunner(spec.id, model, config, sampling_defaults=sampling_defaults(spec), provenance=provenance)

@@ -23,6 +23,7 @@ from typing import Any
 
 from appliance.generation import ApplianceError, InvalidParameterError, QueueFullError
 from appliance.registry import ModelSpec
+from engines import formats
 from engines.base import EngineError
 from engines.embeddings import Embedder, EmbedderFacts, EmbeddingInputError, Vectors
 
@@ -65,7 +66,7 @@ class EmbeddingEntry:
             "model_sha256": self.spec.sha256,
             "quantization": self.spec.quantization,
             "engine": self.spec.engine,
-            "backend": "llama.cpp" if self.spec.engine == "gguf" else "onnxruntime",
+            "backend": formats.RUNTIMES.get(self.spec.engine, self.spec.engine),
             "device": "cpu",
         }
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from engines.base import Engine, ModelLoadError, ModelShape
 
 FORMATS = ("gguf", "onnx")
+RUNTIMES = {"gguf": "llama.cpp", "onnx": "onnxruntime"}  # what the request log records as a model's backend
 
 
 def engine_class(name: str) -> type[Engine]:
