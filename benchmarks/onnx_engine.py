@@ -56,9 +56,9 @@ TEXT = (
     "written by people in languages that are easier to read than the numbers themselves. A compiler translates "
     "those languages into the instructions the processor understands. Modern processors can perform billions of "
     "simple operations every second, and they have several cores that work at the same time. "
-    "\"Where are you going?\" asked Maria, looking up from her book. \"To the station,\" said her brother. \"The train "
-    "leaves at half past seven, and I still have to buy a ticket.\" She closed the book and stood up. \"Then I will "
-    "come with you. I need to post a letter, and the post office is on the way.\" They put on their coats and "
+    '"Where are you going?" asked Maria, looking up from her book. "To the station," said her brother. "The train '
+    'leaves at half past seven, and I still have to buy a ticket." She closed the book and stood up. "Then I will '
+    'come with you. I need to post a letter, and the post office is on the way." They put on their coats and '
     "walked out into the cold evening. The streets were quiet, and the lamps had just been lit. At the corner they "
     "met Mr. Brown, who was walking his dog. He told them that the train would be late, because snow had fallen in "
     "the mountains during the afternoon. To make a simple tomato soup, you need six ripe tomatoes, one onion, two "
