@@ -9,8 +9,11 @@ its default model through ONNX with no download. A folder's sha256 is that of it
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +26,13 @@ from appliance.modelstore import (
     path_size,
     remember_verified,
     sha256_path,
+    suggest_id,
     verify_model_file,
 )
 from appliance.registry import MODEL_ID_RE, ModelSpec, RegistryError, load_registry
 from engines import formats
 from engines.base import ModelLoadError
-from engines.onnx.convert import OnnxModelConfig
+from engines.onnx.convert import ConversionError, OnnxModelConfig, convert
 
 TARGETS = ("onnx",)
 PRECISIONS = ("int4", "fp32")
@@ -66,19 +70,13 @@ def convert_model(
     model_id = model_id or f"{source.id}-onnx-{precision}"
     _new_id(paths, model_id)
     gguf_file = verify_model_file(paths, source, progress=progress)
-    try:
-        from engines.onnx.convert import ConversionError, convert
-    except ImportError as exc:
+    if importlib.util.find_spec("onnx") is None:  # imported only once the graph is written
         if getattr(sys, "frozen", False):
             raise ModelFileError(
                 "this single executable leaves the converter out (the onnx package, 31 MB): convert with the "
                 "pip-installed appliance, then copy the folder here and `appliance models import FOLDER`"
-            ) from exc
-        raise ModelFileError(f"the converter needs the onnx package ({exc}): pip install onnx") from exc
-    paths.models_dir.mkdir(parents=True, exist_ok=True)
-    target = paths.models_dir / model_id
-    partial = paths.models_dir / f".{model_id}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
+            )
+        raise ModelFileError("the converter needs the onnx package: pip install onnx")
     bar: tqdm[Any] = tqdm(desc=f"converting {source.id}", unit="step", disable=not progress, leave=False)
 
     def report(step: str, done: int, total: int) -> None:
@@ -87,14 +85,14 @@ def convert_model(
         bar.n = done
         bar.refresh()
 
-    try:
+    def write(partial: Path) -> OnnxModelConfig:
         with bar:
-            config = convert(gguf_file, partial, precision=precision, progress=report)
-        partial.rename(target)
+            return convert(gguf_file, partial, precision=precision, progress=report)
+
+    try:
+        target, config = _into_store(paths, model_id, write)
     except ConversionError as exc:
         raise ModelFileError(f"cannot convert '{source.id}': {exc}") from exc
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
     description = f"{source.id} converted to ONNX ({precision}, from {config.quantization})"
     return _register(
         paths,
@@ -104,6 +102,9 @@ def convert_model(
         description=description,
         license=source.license,
         chat_template=source.chat_template,
+        sampling=source.sampling,  # the same default answers as the GGUF it came from
+        speculative=source.speculative,
+        draft_max=source.draft_max,
     )
 
 
@@ -120,17 +121,31 @@ def import_folder(paths: Paths, source: Path, model_id: str | None, *, progress:
         config = OnnxModelConfig.read(source)
     except ModelLoadError as exc:
         raise ModelFileError(str(exc)) from exc
-    model_id = model_id or source.name.lower()
+    model_id = model_id or suggest_id(source.resolve())
     _new_id(paths, model_id)
+
+    def copy(partial: Path) -> OnnxModelConfig:
+        shutil.copytree(source, partial, dirs_exist_ok=True)
+        return config
+
+    target, _ = _into_store(paths, model_id, copy)
+    return _register(paths, target, config, progress, description=f"{config.source} as ONNX ({config.precision})")
+
+
+def _into_store(paths: Paths, model_id: str, write: Callable[[Path], OnnxModelConfig]) -> tuple[Path, OnnxModelConfig]:
+    """Write the folder under a private temporary name, then move it into place whole."""
+    paths.models_dir.mkdir(parents=True, exist_ok=True)
     target = paths.models_dir / model_id
-    partial = paths.models_dir / f".{model_id}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
+    partial = Path(tempfile.mkdtemp(dir=paths.models_dir, prefix=f".{model_id}.", suffix=".partial"))
     try:
-        shutil.copytree(source, partial)
-        partial.rename(target)
+        config = write(partial)
+        try:
+            partial.rename(target)
+        except OSError as exc:  # another import or conversion took the name meanwhile
+            raise ModelFileError(f"cannot move the model into {target}: {exc}") from exc
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    return _register(paths, target, config, progress, description=f"{config.source} as ONNX ({config.precision})")
+    return target, config
 
 
 def _register(paths: Paths, folder: Path, config: OnnxModelConfig, progress: bool, **fields: Any) -> ModelSpec:

@@ -59,14 +59,14 @@ def sha256_path(path: Path, *, progress: bool = True) -> str:
     """A file's sha256; a model folder's is that of its manifest, a "sha256  name" line per file."""
     if not path.is_dir():
         return sha256_file(path, progress=progress)
-    lines = [f"{sha256_file(f, progress=progress)}  {f.name}\n" for f in sorted(path.iterdir()) if f.is_file()]
+    lines = [f"{sha256_file(f, progress=progress)}  {f.name}\n" for f in formats.folder_files(path)]
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def path_size(path: Path) -> int:
     """A file's size, or the sum of a model folder's files."""
     if path.is_dir():
-        return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        return sum(f.stat().st_size for f in formats.folder_files(path))
     return path.stat().st_size
 
 
@@ -127,6 +127,9 @@ def add_to_user_registry(paths: Paths, spec: ModelSpec) -> None:
         data = tomllib.loads(paths.models_file.read_text("utf-8"))
     unset = {"matryoshka"} if not spec.matryoshka else set()  # only embedding models can say true
     entry = spec.model_dump(exclude_none=True, exclude={"id", "source", "sampling", "aliases", *unset})
+    sampling = spec.sampling.model_dump(exclude_none=True)
+    if sampling:  # a converted model keeps its source's defaults
+        entry["sampling"] = sampling
     data.setdefault("models", {})[spec.id] = entry
     paths.home.mkdir(parents=True, exist_ok=True)
     tmp = paths.models_file.with_suffix(".toml.tmp")
@@ -144,7 +147,7 @@ def _verified_cache(paths: Paths) -> dict[str, Any]:
 
 def _file_key(path: Path) -> str:
     if path.is_dir():
-        return ";".join(f"{f.name}:{_file_key(f)}" for f in sorted(path.iterdir()) if f.is_file())
+        return ";".join(f"{f.name}:{_file_key(f)}" for f in formats.folder_files(path))
     st = path.stat()
     return f"{st.st_size}:{st.st_mtime_ns}"
 
@@ -175,7 +178,8 @@ def verify_model_file(paths: Paths, spec: ModelSpec, *, check_sha256: bool = Tru
         raise ModelFileError(f"model '{spec.id}': {path} is not a regular file")
     if spec.size_bytes is not None and path_size(path) != spec.size_bytes:
         raise ModelFileError(
-            f"model '{spec.id}': file {path} has {path_size(path)} bytes, models.toml says "
+            f"model '{spec.id}': {'folder' if path.is_dir() else 'file'} {path} has {path_size(path)} bytes, "
+            f"models.toml says "
             f"{spec.size_bytes}: the file is truncated or was replaced"
         )
     if check_sha256 and spec.sha256:
@@ -185,7 +189,7 @@ def verify_model_file(paths: Paths, spec: ModelSpec, *, check_sha256: bool = Tru
         digest = sha256_path(path, progress=progress)
         if digest != spec.sha256:
             raise ModelFileError(
-                f"model '{spec.id}': file {path} is corrupt or was replaced "
+                f"model '{spec.id}': {'folder' if path.is_dir() else 'file'} {path} is corrupt or was replaced "
                 f"(sha256 {digest[:16]}…, expected {spec.sha256[:16]}…)"
             )
         remember_verified(paths, path, digest)

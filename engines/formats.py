@@ -57,3 +57,11 @@ def model_shape(path: Path, name: str) -> ModelShape:
     if path.is_dir():
         raise ModelLoadError(path, 'a folder is not a GGUF file (an ONNX model? set engine = "onnx")')
     return gguf_shape(path)
+
+
+def folder_files(path: Path) -> list[Path]:
+    """The files a model folder is made of, by name (a stray ``.DS_Store`` is not part of the model)."""
+    from engines.onnx.convert import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE
+
+    names = (CONFIG_FILE, MODEL_FILE, MODEL_FILE + ".data", TOKENIZER_FILE)
+    return [path / name for name in sorted(names) if (path / name).is_file()]

@@ -325,9 +325,10 @@ def test_onnx_models_run_on_the_cpu_and_say_why(onnx_model_dir: Path) -> None:
     cpu_only = onnx_plan(machine(onnx_runtime("CPUExecutionProvider")), shape)
     assert cpu_only.device.value == "cpu" and cpu_only.error is None
     assert "runs on the CPU" in cpu_only.device.reason
-    # a T4 with the CPU onnxruntime: install the GPU build, alone
+    # a T4 with the CPU onnxruntime: the GGUF engine is the way onto it
     no_cuda = onnx_plan(machine(onnx_runtime("CPUExecutionProvider"), nvidia("tesla-t4.xml")), shape)
-    assert "install onnxruntime-gpu" in no_cuda.device.reason and "uninstall onnxruntime" in no_cuda.device.reason
+    assert "serve the GGUF model" in no_cuda.device.reason
+    assert onnx_plan(machine(None), shape, device="cuda").error is not None
     # onnxruntime-gpu sees CUDA: the engine still runs on the CPU, and says so
     gpu_ort = machine(onnx_runtime("CUDAExecutionProvider", "CPUExecutionProvider"), nvidia("tesla-t4.xml"))
     assert onnx_plan(gpu_ort, shape).device.value == "cpu"

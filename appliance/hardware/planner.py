@@ -254,8 +254,8 @@ def onnx_cpu_reason(caps: EngineCapabilities, hw: HardwareFacts) -> str:
         )
     if any(g.vendor == "nvidia" for g in hw.gpus):
         return (
-            f"an NVIDIA GPU is here but this onnxruntime has no CUDA provider ({providers}): install onnxruntime-gpu "
-            "and uninstall onnxruntime (both installed at once shadow each other); the ONNX engine runs on the CPU"
+            f"the ONNX engine runs on the CPU (onnxruntime providers: {providers}); for the NVIDIA GPU here, "
+            "serve the GGUF model (llama.cpp offloads it)"
         )
     return f"the ONNX engine runs on the CPU (onnxruntime providers: {providers})"
 
@@ -268,7 +268,8 @@ def _device(
     available = [key for key in GPU_ORDER if usable.get(key)]
     if o.device != "auto":
         if request.engine == "onnx" and o.device != "cpu":
-            error = f"{o.source('device')} {o.device}: {onnx_cpu_reason(caps, hw)}" if caps else None
+            why = onnx_cpu_reason(caps, hw) if caps else "the ONNX engine runs on the CPU only"
+            error = f"{o.source('device')} {o.device}: {why}"
             return Decision(value=o.device, reason="not available (see the error)", source=o.source("device")), error
         if o.device == "cpu" or o.device in available:
             return Decision(value=o.device, reason="set by the user", source=o.source("device")), None

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+FORMAT = "appliance-onnx/1"
 CONFIG_FILE = "appliance-onnx.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.gguf"
@@ -102,11 +103,14 @@ def convert(
             f"{gguf_path.name} is a '{arch}' model; the converter knows {', '.join(ARCHITECTURES)} "
             "(serve it with the GGUF engine)"
         )
-    graph = _Graph(reader, arch, precision, accuracy_level, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     if (out_dir / MODEL_FILE).exists():
         raise ConversionError(f"{out_dir} already holds a model")
-    model = graph.build()
+    try:
+        graph = _Graph(reader, arch, precision, accuracy_level, progress)
+        model = graph.build()
+    except (ValueError, KeyError, TypeError, NotImplementedError) as exc:  # a tensor of an unexpected shape or type
+        raise ConversionError(f"{gguf_path.name} cannot be converted: {type(exc).__name__}: {exc}") from exc
     _report(progress, "writing", 0, 1)
     import onnx
 
@@ -120,7 +124,7 @@ def convert(
     )
     _write_tokenizer(reader, out_dir / TOKENIZER_FILE)
     config = OnnxModelConfig(
-        format="appliance-onnx/1",
+        format=FORMAT,
         architecture=arch,
         n_layer=graph.n_layer,
         n_head=graph.n_head,
@@ -235,28 +239,45 @@ class _Graph:
         self.accuracy_level = accuracy_level
         self.progress = progress
         self.tensors = {t.name: t for t in reader.tensors}
+        self.types_seen: set[str] = set()
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = []
+        self._n = 0
         p = arch + "."
-        self.n_layer = int(_field(reader, p + "block_count"))
-        self.n_embd = int(_field(reader, p + "embedding_length"))
-        self.n_head = int(_field(reader, p + "attention.head_count"))
+        self.n_layer = self.required(p + "block_count")
+        self.n_embd = self.required(p + "embedding_length")
+        self.n_head = self.required(p + "attention.head_count")
         self.n_head_kv = int(_field(reader, p + "attention.head_count_kv", self.n_head))
         self.head_dim = int(_field(reader, p + "attention.key_length", self.n_embd // self.n_head))
         self.rope_dim = int(_field(reader, p + "rope.dimension_count", self.head_dim))
         self.rope_base = float(_field(reader, p + "rope.freq_base", 10000.0))
         self.eps = float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5))
         self.n_ctx_train = int(_field(reader, p + "context_length", 4096))
-        embd = self.tensors["token_embd.weight"]
-        self.n_vocab = int(embd.shape[1])
+        self.n_vocab = int(self.tensor("token_embd.weight").shape[1])
         if self.rope_dim != self.head_dim:
             raise ConversionError(f"partial rotary embeddings ({self.rope_dim} of {self.head_dim}) are not supported")
         if _field(reader, p + "rope.scaling.type") not in (None, "none"):
             raise ConversionError("rope scaling is not supported by the converter yet")
-        self.types_seen: set[str] = set()
-        self.nodes: list[Any] = []
-        self.inits: list[Any] = []
-        self._n = 0
+        # what onnxruntime's GroupQueryAttention with its built-in rotary embedding accepts
+        if self.head_dim % 16 or self.n_head % self.n_head_kv or self.n_embd % BLOCK:
+            raise ConversionError(
+                f"heads of {self.head_dim} values, {self.n_head} query and {self.n_head_kv} KV heads, "
+                f"width {self.n_embd}: onnxruntime's attention needs head sizes in multiples of 16 and whole "
+                "query groups per KV head"
+            )
+        extra = sorted(n for n in self.tensors if n.endswith(".bias"))
+        if extra:  # a llama variant with biases: dropping them would quietly give another model
+            raise ConversionError(
+                f"it has bias tensors ({', '.join(extra[:3])}...), which the converter does not write"
+            )
 
     # -- helpers
+
+    def required(self, key: str) -> int:
+        value = _field(self.reader, key)
+        if not isinstance(value, int) or value <= 0:
+            raise ConversionError(f"its metadata has no valid {key}")
+        return value
 
     def name(self, base: str) -> str:
         self._n += 1
@@ -444,7 +465,7 @@ class _Graph:
             opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
             producer_name="appliance",
         )
-        model.ir_version = 10  # what onnxruntime 1.20+ reads
+        model.ir_version = 10  # what onnxruntime 1.23+ reads (the minimum for GatherBlockQuantized's 8 bits)
         return model
 
     def embeddings(self) -> str:

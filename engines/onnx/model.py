@@ -39,9 +39,11 @@ from engines.base import (
     ModelShape,
     SamplingParams,
 )
-from engines.onnx.convert import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, OnnxModelConfig
+from engines.onnx.convert import CONFIG_FILE, FORMAT, MODEL_FILE, TOKENIZER_FILE, OnnxModelConfig
 
 log = logging.getLogger(__name__)
+
+MIN_ONNXRUNTIME = (1, 23)  # GroupQueryAttention's continued prompts, GatherBlockQuantized's 8 bits
 
 
 def check_onnx_folder(path: Path) -> OnnxModelConfig:
@@ -49,14 +51,21 @@ def check_onnx_folder(path: Path) -> OnnxModelConfig:
     if not path.exists():
         raise ModelLoadError(path, "the folder does not exist")
     if not path.is_dir():
-        raise ModelLoadError(path, "an ONNX model is a folder (model.onnx, tokenizer.gguf, appliance-onnx.json)")
+        raise ModelLoadError(
+            path,
+            "an ONNX chat model is a folder (model.onnx, tokenizer.gguf, appliance-onnx.json) written by "
+            '`appliance models convert`; a single .onnx file is served as an embedding model (kind = "embedding")',
+        )
     for name in (MODEL_FILE, TOKENIZER_FILE, CONFIG_FILE):
         if not (path / name).is_file():
             raise ModelLoadError(path, f"it has no {name} (convert a GGUF with `appliance models convert`)")
     try:
-        return OnnxModelConfig.read(path)
-    except (ValueError, KeyError, TypeError) as exc:
+        config = OnnxModelConfig.read(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelLoadError(path, f"its {CONFIG_FILE} is not valid ({exc})") from exc
+    if config.format != FORMAT:
+        raise ModelLoadError(path, f"it is in the format '{config.format}'; this version reads '{FORMAT}'")
+    return config
 
 
 def onnx_model_shape(path: Path) -> ModelShape:
@@ -88,6 +97,11 @@ class OnnxModel:
             import onnxruntime
         except ImportError as exc:
             raise ModelLoadError(path, f"onnxruntime is not installed ({exc})") from exc
+        version = tuple(int(x) for x in onnxruntime.__version__.split(".")[:2] if x.isdigit())
+        if version < MIN_ONNXRUNTIME:
+            raise ModelLoadError(
+                path, f"onnxruntime {onnxruntime.__version__} is too old: pip install 'onnxruntime>=1.23'"
+            )
         from engines.ggufsampler import ArraySampler
         from engines.ggufvocab import GgufVocabulary
 
@@ -129,6 +143,10 @@ class OnnxModel:
             quantization=config.precision,
             backend="cpu",
         )
+        # a dummy row costs reading its slot's cached K and V; a separate call costs reading the weights again
+        self._weight_bytes = sum(f.stat().st_size for f in path.iterdir() if f.name.startswith(MODEL_FILE))
+        self._kv_bytes_per_cell = 2 * config.n_layer * config.n_head_kv * config.head_dim * 4
+        self._warm_up(path)
         log.info(
             "loaded %s (ONNX %s): %d slots x %d tokens, KV cache %.0f MiB",
             path.name,
@@ -137,6 +155,18 @@ class OnnxModel:
             n_ctx,
             kv_bytes / 2**20,
         )
+
+    def _warm_up(self, path: Path) -> None:
+        """A first prompt, a continued prompt and a step on slot 0: a graph this onnxruntime cannot run
+        fails the load, not the first request (with every other request of its batch)."""
+        try:
+            self.decode([BatchItem(0, [1, 2], 0, 0)])
+            self.decode([BatchItem(0, [3, 4], 2, 1)])
+            self.decode([BatchItem(0, [5], 4, 1)])
+        except DecodeError as exc:
+            self.close()
+            raise ModelLoadError(path, f"onnxruntime cannot run it here: {exc}") from exc
+        self.truncate_slot(0, 0)
 
     @property
     def facts(self) -> ModelFacts:
@@ -194,21 +224,20 @@ class OnnxModel:
         if adapters:
             raise DecodeError("the ONNX engine does not apply LoRA adapters")
         with self._lock:
+            if self._session is None:
+                raise DecodeError("the model is closed")
             outputs: list[np.ndarray] = []
             indices: list[list[int]] = [[] for _ in items]
             for item in items:
-                if item.start_pos + len(item.tokens) > self._n_ctx:
-                    raise DecodeError(
-                        f"slot {item.slot} holds {self._n_ctx} tokens; {item.start_pos + len(item.tokens)} asked",
-                        no_space=True,
-                    )
+                self._check(item)
             steps = [i for i, item in enumerate(items) if len(item.tokens) == 1 and item.n_outputs <= 1]
-            if steps:
-                logits = self._step([items[i] for i in steps])
-                for i in steps:
+            for run in self._runs(sorted(items[i].slot for i in steps)):
+                in_run = [i for i in steps if items[i].slot in run]
+                logits = self._step([items[i] for i in in_run], run[0], run[-1] + 1)
+                for i in in_run:
                     if items[i].n_outputs:
                         indices[i].append(len(outputs))
-                        outputs.append(logits[items[i].slot])
+                        outputs.append(logits[items[i].slot - run[0]])
             for i, item in enumerate(items):
                 if i in steps:
                     continue
@@ -218,6 +247,30 @@ class OnnxModel:
                     outputs.append(row)
             self._outputs = outputs
             return indices
+
+    def _check(self, item: BatchItem) -> None:
+        if not 0 <= item.slot < len(self._length) or not item.tokens or item.n_outputs > len(item.tokens):
+            raise DecodeError(f"bad batch item: slot {item.slot}, {len(item.tokens)} tokens, {item.n_outputs} outputs")
+        if not 0 <= item.start_pos <= self._length[item.slot]:
+            raise DecodeError(f"slot {item.slot} holds {self._length[item.slot]} positions; {item.start_pos} asked")
+        if item.start_pos + len(item.tokens) > self._n_ctx:
+            raise DecodeError(
+                f"slot {item.slot} holds {self._n_ctx} tokens; {item.start_pos + len(item.tokens)} asked",
+                no_space=True,
+            )
+
+    def _runs(self, slots: Sequence[int]) -> list[list[int]]:
+        """Rows to step together: consecutive busy slots, and idle ones between them while their dummy
+        rows (which read their slot's cached cells) cost less than one more call (which reads the weights)."""
+        runs: list[list[int]] = []
+        for slot in slots:
+            if runs:
+                gap = range(runs[-1][-1] + 1, slot)
+                if sum(self._length[r] + 1 for r in gap) * self._kv_bytes_per_cell < self._weight_bytes:
+                    runs[-1].extend([*gap, slot])
+                    continue
+            runs.append([slot])
+        return runs
 
     def _binding(self, first: int, stop: int) -> Any:
         """An IOBinding of the rows [first, stop) of every KV buffer, as past and present alike."""
@@ -247,16 +300,15 @@ class OnnxModel:
         logits: np.ndarray = binding.get_outputs()[-1].numpy()
         return logits
 
-    def _step(self, items: Sequence[BatchItem]) -> np.ndarray:
-        """One token for each item, all rows up to the highest slot in one call; logits per row."""
-        stop = max(item.slot for item in items) + 1
-        ids = np.zeros((stop, 1), dtype=np.int64)
+    def _step(self, items: Sequence[BatchItem], first: int, stop: int) -> np.ndarray:
+        """One token for each item, the rows [first, stop) in one call; logits per row."""
+        ids = np.zeros((stop - first, 1), dtype=np.int64)
         # a row with no item writes its dummy token at its next free cell: nothing kept is touched
-        lengths = np.array([min(n, self._n_ctx) + 1 for n in self._length[:stop]], dtype=np.int64)
+        lengths = np.array([min(n, self._n_ctx) + 1 for n in self._length[first:stop]], dtype=np.int64)
         for item in items:
-            ids[item.slot, 0] = item.tokens[0]
-            lengths[item.slot] = item.start_pos + 1
-        logits = self._run(self._binding(0, stop), ids, lengths, 1)
+            ids[item.slot - first, 0] = item.tokens[0]
+            lengths[item.slot - first] = item.start_pos + 1
+        logits = self._run(self._binding(first, stop), ids, lengths, 1)
         for item in items:
             self._length[item.slot] = item.start_pos + 1
         return logits[:, 0, :]
