@@ -157,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     imp = msub.add_parser("import", help="import a GGUF file (or a converted ONNX folder) into the model store")
     imp.add_argument("file", type=Path)
     imp.add_argument("--id", dest="model_id", help="model id (default: from the file name)")
+    imp.add_argument(
+        "--link",
+        action="store_true",
+        help="record the file where it lies (hashed, never copied or deleted); a folder: every model under it",
+    )
+    rm = msub.add_parser("remove", help="unregister a model; a file in the store is deleted, a linked one is not")
+    rm.add_argument("model", help="the model's id")
     conv = msub.add_parser("convert", help="convert a GGUF model of the store to ONNX, offline, as a new model")
     conv.add_argument("model", help="the GGUF model's id (see `appliance models list`)")
     conv.add_argument("--to", choices=["onnx"], default="onnx", help="the format (default: onnx)")
@@ -176,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead: run this .onnx file once through onnxruntime on inputs of ones, to check the runtime works here",
     )
     _plan_args(doctor)
+    where = sub.add_parser("paths", help="where the appliance keeps its state: home, config, models, logs, adapters")
+    where.add_argument("--json", action="store_true", help="machine-readable output")
     logs_cli.add_parser(sub)
     lora_cli.add_parser(sub)
     sub.add_parser(
@@ -228,8 +237,66 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import(paths: Paths, args: argparse.Namespace) -> int:
+    """``appliance models import``: one file or folder, or with --link every model under a folder."""
+    from appliance.modelstore import DuplicateModelError, import_model, link_folder
+
+    source = Path(args.file).expanduser()
+    progress = sys.stderr.isatty()
+    if args.link and source.is_dir() and not (source / "model.onnx").is_file():
+        if args.model_id:
+            return _fail("--id names one model; a folder of models is linked with ids from the file names")
+        added, skipped = link_folder(paths, source, progress=progress)
+        for spec in added:
+            print(f"linked {spec.id}: {spec.location()} ({spec.engine}, {spec.quantization})")
+        for reason in skipped:
+            print(f"skipped: {reason}")
+        if not added and not skipped:
+            return _fail(f"no GGUF file or converted ONNX folder under {source}")
+        return 0
+    try:
+        spec = import_model(paths, source, args.model_id, link=args.link, progress=progress)
+    except DuplicateModelError as exc:
+        print(str(exc))
+        return 0
+    verb = "linked" if args.link else "imported"
+    print(
+        f"{verb} {spec.id}: {spec.architecture}, {spec.quantization}, context {spec.context_length}, "
+        f"sha256 {spec.sha256}"
+    )
+    if spec.kind == "embedding":
+        print(f"an embedding model: servers started from now on answer /v1/embeddings with it as {spec.id}")
+    else:
+        print(f"serve it with: appliance serve --model {spec.id}")
+    return 0
+
+
+def _cmd_paths(args: argparse.Namespace) -> int:
+    """``appliance paths``: every place the appliance reads or writes, and whether it exists yet."""
+    paths = app_paths()
+    settings, _ = _settings(argparse.Namespace(), paths)
+    places = {
+        "home": (paths.home, "everything below, unless moved by the settings (APPLIANCE_HOME moves it all)"),
+        "config": (paths.config_file, "settings (config.toml); flags and APPLIANCE_* variables win over it"),
+        "models_file": (paths.models_file, "your models (models.toml), beside the built-in ones"),
+        "models_dir": (paths.models_dir, "the model store: imported and converted models"),
+        "loras_dir": (paths.loras_dir, "the LoRA adapter store"),
+        "request_log": (settings.log_file or paths.log_file, "every exchange (--no-log turns it off)"),
+        "responses": (paths.responses_file, "stored /v1/responses answers (store: true)"),
+        "cache": (paths.cache_dir, "recomputable: safe to delete"),
+    }
+    if args.json:
+        rows = {key: {"path": str(path), "exists": path.exists(), "what": what} for key, (path, what) in places.items()}
+        print(json.dumps(rows, indent=2))
+        return 0
+    for key, (path, what) in places.items():
+        print(f"{key:<12} {path}{'' if path.exists() else '  (not created yet)'}")
+        print(f"{'':<12} {what}")
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
-    from appliance.modelstore import ModelFileError, import_model
+    from appliance.modelstore import ModelFileError
     from appliance.registry import RegistryError, load_registry
 
     paths = app_paths()
@@ -252,15 +319,13 @@ def _cmd_models(args: argparse.Namespace) -> int:
             print(f"serve it with: appliance serve --model {spec.id}")
             return 0
         if args.models_command == "import":
-            spec = import_model(paths, args.file, args.model_id, progress=sys.stderr.isatty())
-            print(
-                f"imported {spec.id}: {spec.architecture}, {spec.quantization}, "
-                f"context {spec.context_length}, sha256 {spec.sha256}"
-            )
-            if spec.kind == "embedding":
-                print(f"an embedding model: servers started from now on answer /v1/embeddings with it as {spec.id}")
-            else:
-                print(f"serve it with: appliance serve --model {spec.id}")
+            return _import(paths, args)
+        if args.models_command == "remove":
+            from appliance.modelstore import remove_model
+
+            spec, deleted = remove_model(paths, args.model)
+            kept = f"deleted {deleted}" if deleted else f"its file stays where it is ({spec.location()})"
+            print(f"removed {spec.id} from {paths.models_file}; {kept}")
             return 0
         registry = load_registry(paths)
     except (ModelFileError, RegistryError) as exc:
@@ -356,6 +421,8 @@ def _run(argv: Sequence[str] | None) -> int:
             return _cmd_models(args)
         if args.command == "doctor":
             return _cmd_doctor(args)
+        if args.command == "paths":
+            return _cmd_paths(args)
         if args.command == "logs":
             return logs_cli.run(args, app_paths())
         if args.command == "lora":

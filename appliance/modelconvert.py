@@ -23,13 +23,15 @@ from appliance.config import Paths
 from appliance.modelstore import (
     ModelFileError,
     add_to_user_registry,
+    check_new_id,
     path_size,
+    refuse_duplicate,
     remember_verified,
     sha256_path,
     suggest_id,
     verify_model_file,
 )
-from appliance.registry import MODEL_ID_RE, ModelSpec, RegistryError, load_registry
+from appliance.registry import ModelSpec, RegistryError, load_registry
 from engines import formats
 from engines.base import ModelLoadError
 from engines.onnx.convert import ConversionError, OnnxModelConfig, convert
@@ -39,10 +41,7 @@ PRECISIONS = ("int4", "fp32")
 
 
 def _new_id(paths: Paths, model_id: str) -> None:
-    if not MODEL_ID_RE.match(model_id):
-        raise ModelFileError(f"invalid model id '{model_id}': use letters, digits, '.', '_', ':' or '-'")
-    if model_id in load_registry(paths):
-        raise ModelFileError(f"a model named '{model_id}' already exists; choose another with --id")
+    check_new_id(paths, model_id)
     if (paths.models_dir / model_id).exists():
         raise ModelFileError(f"{paths.models_dir / model_id} already exists; choose another id with --id")
 
@@ -108,8 +107,10 @@ def convert_model(
     )
 
 
-def import_folder(paths: Paths, source: Path, model_id: str | None, *, progress: bool = True) -> ModelSpec:
-    """Copy a converted ONNX folder into the store and register it."""
+def import_folder(
+    paths: Paths, source: Path, model_id: str | None, *, link: bool = False, progress: bool = True
+) -> ModelSpec:
+    """Copy a converted ONNX folder into the store (or, with ``link``, record where it lies) and register it."""
     if (source / "genai_config.json").is_file() and not (source / "tokenizer.gguf").is_file():
         raise ModelFileError(
             f"{source} is an onnxruntime-genai model folder: the ONNX engine serves folders written by "
@@ -122,14 +123,20 @@ def import_folder(paths: Paths, source: Path, model_id: str | None, *, progress:
     except ModelLoadError as exc:
         raise ModelFileError(str(exc)) from exc
     model_id = model_id or suggest_id(source.resolve())
+    description = f"{config.source} as ONNX ({config.precision})"
+    if link:
+        check_new_id(paths, model_id)
+        return _register(paths, source.resolve(), config, progress, model_id=model_id, description=description)
     _new_id(paths, model_id)
+    refuse_duplicate(paths, sha256_path(source, progress=progress), source)
 
     def copy(partial: Path) -> OnnxModelConfig:
-        shutil.copytree(source, partial, dirs_exist_ok=True)
+        for file in formats.folder_files(source):
+            shutil.copy2(file, partial / file.name)
         return config
 
     target, _ = _into_store(paths, model_id, copy)
-    return _register(paths, target, config, progress, description=f"{config.source} as ONNX ({config.precision})")
+    return _register(paths, target, config, progress, description=description)
 
 
 def _into_store(paths: Paths, model_id: str, write: Callable[[Path], OnnxModelConfig]) -> tuple[Path, OnnxModelConfig]:
@@ -148,13 +155,17 @@ def _into_store(paths: Paths, model_id: str, write: Callable[[Path], OnnxModelCo
     return target, config
 
 
-def _register(paths: Paths, folder: Path, config: OnnxModelConfig, progress: bool, **fields: Any) -> ModelSpec:
-    """Hash the folder now in the store and add it to the user's models.toml."""
+def _register(
+    paths: Paths, folder: Path, config: OnnxModelConfig, progress: bool, model_id: str | None = None, **fields: Any
+) -> ModelSpec:
+    """Hash the folder (in the store, or linked where it lies) and add it to the user's models.toml."""
     digest = sha256_path(folder, progress=progress)
+    if model_id is not None:  # linked: a folder outside the store, by its absolute path
+        refuse_duplicate(paths, digest, folder)
     spec = ModelSpec(
-        id=folder.name,
+        id=model_id or folder.name,
         engine="onnx",
-        path=folder.name,
+        path=str(folder) if model_id is not None else folder.name,
         sha256=digest,
         size_bytes=path_size(folder),
         context_length=config.n_ctx_train,

@@ -81,6 +81,11 @@ class ModelSpec(BaseModel):
             raise ValueError("give exactly one of 'path' or 'package' (+ 'file')")
         if self.package is not None and not self.file:
             raise ValueError("'package' needs 'file', the file's name inside the package")
+        if self.engine == "onnx" and self.kind == "chat" and (self.file or self.path or "").endswith(".onnx"):
+            raise ValueError(
+                'a single .onnx file is served as an embedding model: add kind = "embedding" (an ONNX chat '
+                "model is a folder written by `appliance models convert`)"
+            )
         if self.kind != "embedding" and (self.pooling is not None or self.matryoshka):
             raise ValueError("'pooling' and 'matryoshka' are for embedding models (kind = \"embedding\")")
         return self

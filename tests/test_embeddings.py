@@ -378,7 +378,7 @@ def test_an_embedding_model_is_not_a_chat_model(home: Paths) -> None:
     assert [s.id for s in registry if s.kind == "embedding"] == [MINILM, SMOL, "minilm-as-matryoshka", "not-installed"]
     with pytest.raises(StartupError, match="is an embedding model"):  # refused before the hardware is looked at
         plan_serving(Settings(models=(SMOL,)), home, registry, None)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="embedding models only"):
+    with pytest.raises(ValueError, match="served as an embedding model"):
         ModelSpec(id="x", engine="onnx", path="x.onnx")
 
 

@@ -27,9 +27,9 @@ MODELS = "/v1/appliance/models"
 LOOPBACK = ("127.0.0.1", 50000)
 
 
-def tiny_gguf(path: Path) -> Path:
+def tiny_gguf(path: Path, name: str = "Tiny Test") -> Path:
     writer = gguf.GGUFWriter(path, arch="llama")
-    writer.add_name("Tiny Test")
+    writer.add_name(name)
     writer.add_context_length(256)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
@@ -70,8 +70,9 @@ def test_import_registers_the_model(http: TestClient, tmp_path: Path) -> None:
 
     again = http.post(MODELS, json={"path": str(source)})
     assert again.status_code == 400 and "already exists" in again.json()["error"]["message"]
-    named = http.post(MODELS, json={"path": str(source), "id": "tiny-two"})
-    assert named.status_code == 201 and named.json()["id"] == "tiny-two"
+    named = http.post(MODELS, json={"path": str(source), "id": "tiny-two"})  # the same bytes: not copied again
+    assert named.status_code == 409 and named.json()["error"]["code"] == "model_exists"
+    assert "already in the store as 'tiny-model.f32'" in named.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(
@@ -129,7 +130,7 @@ def test_a_path_from_another_machine_is_refused(tmp_path: Path, peer: tuple[str,
 def test_loopback_in_ipv6_forms_is_the_same_machine(tmp_path: Path) -> None:
     for n, peer in enumerate([("::1", 1), ("::ffff:127.0.0.1", 1)]):
         with client(peer) as http:
-            resp = http.post(MODELS, json={"path": str(tiny_gguf(tmp_path / f"t{n}.gguf"))})
+            resp = http.post(MODELS, json={"path": str(tiny_gguf(tmp_path / f"t{n}.gguf", f"Tiny {n}"))})
         assert resp.status_code == 201, resp.text
 
 

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from appliance.api.edge import require_api_key
 from appliance.api.errors import APIError
 from appliance.config import Paths, app_paths
-from appliance.modelstore import ModelFileError, import_model
+from appliance.modelstore import DuplicateModelError, ModelFileError, import_model
 from appliance.registry import ModelSpec, RegistryError, load_registry
 
 router = APIRouter(prefix="/v1/appliance/models", dependencies=[Depends(require_api_key)])
@@ -141,6 +141,8 @@ async def import_gguf(body: ImportModel, request: Request) -> RegisteredModel:
         )
     try:
         spec = await asyncio.to_thread(_import, _paths(request), source, body.id)
+    except DuplicateModelError as exc:  # the same bytes are registered already: nothing was copied
+        raise APIError(409, str(exc), param="path", code="model_exists") from exc
     except ModelFileError as exc:
         raise APIError(400, str(exc), param="path", code="invalid_model_file") from exc
     except RegistryError as exc:
