@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from appliance import __version__, logs_cli, lora_cli
+from appliance import __version__, logs_cli, lora_cli, ps_cli
 from appliance.config import DEFAULT_PORT, ConfigError, Paths, Settings, app_paths, load_settings_with_sources
 
 SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--json", action="store_true", help="machine-readable output")
     logs_cli.add_parser(sub)
     lora_cli.add_parser(sub)
+    ps_cli.add_parser(sub)
     sub.add_parser(
         "gui", help="the desktop app (also: appliance with no arguments where there is a display)", add_help=False
     )
@@ -423,11 +424,14 @@ def _run(argv: Sequence[str] | None) -> int:
             return _cmd_doctor(args)
         if args.command == "paths":
             return _cmd_paths(args)
+        if args.command == "ps":
+            settings, _ = _settings(argparse.Namespace(), app_paths())
+            return ps_cli.run(args, settings.host, settings.port, settings.api_key)
         if args.command == "logs":
             return logs_cli.run(args, app_paths())
         if args.command == "lora":
             return lora_cli.run(args, app_paths())
-    except (logs_cli.LogsCommandError, lora_cli.LoraCommandError) as exc:
+    except (logs_cli.LogsCommandError, lora_cli.LoraCommandError, ps_cli.PsError) as exc:
         return _fail(str(exc))
     except ConfigError as exc:
         return _fail(str(exc))

@@ -178,6 +178,7 @@ class RunnerStats:
     draft_tokens_total: int
     draft_accepted_total: int
     tokens_per_second: float
+    idle_seconds: float = 0.0  # since the model last had a request waiting or running (0 while busy)
 
 
 @dataclass(frozen=True)
@@ -259,6 +260,7 @@ class ModelRunner:
         self.config = config or RunnerConfig()
         self.sampling_defaults = sampling_defaults or SamplingParams()
         self._clock = clock
+        self._busy_until = clock()  # when the decode loop last ran out of work
         self._waiting: deque[_Job] = deque()
         self._active: dict[int, _Sequence] = {}
         self._free: list[_Slot] = [_Slot(i) for i in range(model.facts.n_slots)]
@@ -322,6 +324,7 @@ class ModelRunner:
                 queued=len(self._waiting),
                 **{f"{name}_total": value for name, value in self._counters.items()},
                 tokens_per_second=round(rate, 2),
+                idle_seconds=0.0 if self._active or self._waiting else round(now - self._busy_until, 1),
             )
 
     def requests(self) -> tuple[list[RequestSnapshot], list[RequestSnapshot]]:
@@ -456,6 +459,7 @@ class ModelRunner:
         while True:
             with self._cond:
                 while not self._stopping and not self._waiting and not self._active:
+                    self._busy_until = self._clock()
                     self._cond.wait()
                 if self._stopping:
                     break

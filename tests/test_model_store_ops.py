@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +14,7 @@ from appliance.cli import main
 from appliance.config import app_paths
 from appliance.modelstore import ModelFileError, verify_model_file
 from appliance.registry import load_registry
+from tests.conftest import DEFAULT_MODEL
 from tests.test_models_route import tiny_gguf
 
 
@@ -87,3 +89,22 @@ def test_remove_deletes_store_copies_and_refuses_built_in_models(
     assert "cannot be removed" in capsys.readouterr().err
     assert main(["models", "remove", "nope"]) == 1
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_ps_shows_what_a_running_server_has_loaded(live_server: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    import httpx
+
+    httpx.post(
+        live_server.base_url + "/v1/chat/completions",
+        json={"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        timeout=60,
+    )
+    assert main(["ps", "--url", live_server.base_url, "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (row["model"], row["engine"], row["device"], row["slots"]) == (DEFAULT_MODEL, "gguf", "cpu", 4)
+    assert row["memory_bytes"] > 90 << 20 and row["active"] == 0 and row["idle_seconds"] >= 0
+    assert main(["ps", "--url", live_server.base_url]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("MODEL") and DEFAULT_MODEL in out and "idle" in out
+    assert main(["ps", "--url", "http://127.0.0.1:9"]) == 1
+    assert "no server answers at http://127.0.0.1:9" in capsys.readouterr().err
