@@ -278,7 +278,8 @@ def test_a_cancelled_or_failed_export_leaves_no_file(
     out = tmp_path / "data.jsonl"
     client.gate.clear()
     vm.start_export(out)
-    qtbot.waitUntil(lambda: any(tmp_path.iterdir()))  # the staged file exists
+    # the staged file exists and the export has begun (the file is created just before the call)
+    qtbot.waitUntil(lambda: any(tmp_path.iterdir()) and bool(client.exports))
     assert vm.exporting
     vm.start_export(out)  # one at a time
     assert len(client.exports) == 1
