@@ -99,11 +99,12 @@ def import_model(
     model_id = model_id or suggest_id(source)
     check_new_id(paths, model_id)
     size = source.stat().st_size
+    # only a model of the same size can hold the same bytes: otherwise copy and hash in one pass
     same_size = [s for s in _stored(paths) if s.size_bytes == size]
     digest: str | None = None
     if link or same_size:  # hash first: a duplicate is found before anything is copied
         digest = sha256_file(source, progress=progress)
-        refuse_duplicate(paths, digest, source)
+        _refuse(same_size, digest, source)
     if link:
         target = source.resolve()
     else:
@@ -116,7 +117,6 @@ def import_model(
             if digest is not None and copied != digest:
                 raise ModelFileError(f"{source} changed while it was imported; import it again")
             digest = copied
-            refuse_duplicate(paths, digest, source)
             os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)
@@ -156,7 +156,11 @@ def _stored(paths: Paths) -> list[ModelSpec]:
 
 
 def refuse_duplicate(paths: Paths, digest: str, source: Path) -> None:
-    existing = next((s for s in _stored(paths) if s.sha256 == digest), None)
+    _refuse(_stored(paths), digest, source)
+
+
+def _refuse(candidates: list[ModelSpec], digest: str, source: Path) -> None:
+    existing = next((s for s in candidates if s.sha256 == digest), None)
     if existing is not None:
         raise DuplicateModelError(source, existing)
 

@@ -61,7 +61,6 @@ def model_shape(path: Path, name: str) -> ModelShape:
 
 def folder_files(path: Path) -> list[Path]:
     """The files a model folder is made of, by name (a stray ``.DS_Store`` is not part of the model)."""
-    from engines.onnx.convert import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE
+    from engines.onnx.convert import MODEL_FILES
 
-    names = (CONFIG_FILE, MODEL_FILE, MODEL_FILE + ".data", TOKENIZER_FILE)
-    return [path / name for name in sorted(names) if (path / name).is_file()]
+    return [path / name for name in sorted(MODEL_FILES) if (path / name).is_file()]

@@ -21,7 +21,6 @@ from engines.base import (
     AdapterSet,
     BackendDevice,
     BatchItem,
-    ChatMessage,
     DecodeError,
     EngineCapabilities,
     LoadOptions,
@@ -31,6 +30,7 @@ from engines.base import (
 )
 from engines.cpu_backends import BUILT_IN, BackendSelection, CpuBackendError, load_backends
 from engines.ggufsampler import GgufSampler
+from engines.vocabdelegate import VocabularyMethods
 
 log = logging.getLogger(__name__)
 native_log = logging.getLogger("engines.llama_cpp.native")
@@ -239,7 +239,7 @@ class GgufAdapter:
         self._model._free_adapter(self)
 
 
-class GgufModel:
+class GgufModel(VocabularyMethods):
     """A loaded GGUF model with one llama.cpp context of ``n_slots`` sequences.
 
     LoRA adapters apply to the whole context, so each ``decode`` call sets the adapter set of the
@@ -323,25 +323,6 @@ class GgufModel:
     @property
     def facts(self) -> ModelFacts:
         return self._facts
-
-    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
-        return self._vocabulary.tokenize(text, add_special=add_special, parse_special=parse_special)
-
-    def token_bytes(self, token: int) -> bytes:
-        return self._vocabulary.token_bytes(token)
-
-    def is_end_of_generation(self, token: int) -> bool:
-        return self._vocabulary.is_end_of_generation(token)
-
-    def render_chat(self, messages: Sequence[ChatMessage], tools: Sequence[dict[str, Any]] = ()) -> str:
-        return self._vocabulary.render_chat(messages, tools)
-
-    @property
-    def chat_template(self) -> str:
-        return self._vocabulary.chat_template
-
-    def vocabulary(self) -> list[bytes]:
-        return self._vocabulary.vocabulary()
 
     def new_sampler(self, params: SamplingParams) -> GgufSampler:
         return GgufSampler(self._lib, self._ctx, self._n_vocab, params)

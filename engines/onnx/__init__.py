@@ -47,10 +47,11 @@ def capabilities() -> EngineCapabilities:
     )
 
 
-def cpu_session(path: Path, threads: int) -> Any:
+def cpu_session(path: Path, threads: int, *, spinning: bool = True) -> Any:
     """An onnxruntime session of ``path`` on the CPU with ``threads`` threads, run one call at a time.
 
-    The thread count is a bound, not a hint: other work (chat decoding) shares the cores.
+    The thread count is a bound, not a hint: other work (chat decoding) shares the cores. Without
+    ``spinning`` idle threads sleep instead of busy-waiting for the next call.
     ``ModelLoadError`` says why the file cannot be loaded.
     """
     try:
@@ -63,6 +64,8 @@ def cpu_session(path: Path, threads: int) -> Any:
     options.intra_op_num_threads = max(1, threads)
     options.inter_op_num_threads = 1
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped errors for a bad file

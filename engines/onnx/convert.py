@@ -38,9 +38,15 @@ FORMAT = "appliance-onnx/1"
 CONFIG_FILE = "appliance-onnx.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.gguf"
+MODEL_FILES = (CONFIG_FILE, MODEL_FILE, MODEL_FILE + ".data", TOKENIZER_FILE)  # what a converted folder holds
 PRECISIONS = ("int4", "fp32")
 ARCHITECTURES = ("llama",)
 BLOCK = 32
+
+
+def weight_bytes(folder: Path) -> int:
+    """The size of a converted model's graph and weights (what one call reads)."""
+    return sum(p.stat().st_size for p in (folder / MODEL_FILE, folder / (MODEL_FILE + ".data")) if p.is_file())
 
 
 class ConversionError(Exception):

@@ -31,7 +31,6 @@ from engines.base import (
     AdapterLoadError,
     AdapterSet,
     BatchItem,
-    ChatMessage,
     DecodeError,
     LoadOptions,
     ModelFacts,
@@ -39,7 +38,11 @@ from engines.base import (
     ModelShape,
     SamplingParams,
 )
-from engines.onnx.convert import CONFIG_FILE, FORMAT, MODEL_FILE, TOKENIZER_FILE, OnnxModelConfig
+from engines.ggufsampler import ArraySampler
+from engines.ggufvocab import GgufVocabulary
+from engines.onnx import cpu_session
+from engines.onnx.convert import CONFIG_FILE, FORMAT, MODEL_FILE, TOKENIZER_FILE, OnnxModelConfig, weight_bytes
+from engines.vocabdelegate import VocabularyMethods
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,7 @@ def check_onnx_folder(path: Path) -> OnnxModelConfig:
 def onnx_model_shape(path: Path) -> ModelShape:
     """The planner's sizes for a converted folder: weights from the files, KV cache as this engine keeps it."""
     config = check_onnx_folder(path)
-    weights = sum(f.stat().st_size for f in path.iterdir() if f.name.startswith(MODEL_FILE))
+    weights = weight_bytes(path)
     per_layer = weights // max(1, config.n_layer + 1)  # the embeddings and head ~ one layer's worth
     return ModelShape(
         architecture=config.architecture,
@@ -88,7 +91,7 @@ def onnx_model_shape(path: Path) -> ModelShape:
     )
 
 
-class OnnxModel:
+class OnnxModel(VocabularyMethods):
     """A converted model in one onnxruntime session with ``n_slots`` sequence slots."""
 
     def __init__(self, path: Path, options: LoadOptions) -> None:
@@ -102,24 +105,16 @@ class OnnxModel:
             raise ModelLoadError(
                 path, f"onnxruntime {onnxruntime.__version__} is too old: pip install 'onnxruntime>=1.23'"
             )
-        from engines.ggufsampler import ArraySampler
-        from engines.ggufvocab import GgufVocabulary
-
-        self._sampler_class = ArraySampler
         self._config = config
-        self._options = options
-        self._vocab = GgufVocabulary.open(path / TOKENIZER_FILE, chat_template_override=options.chat_template_override)
-        so = onnxruntime.SessionOptions()
-        so.intra_op_num_threads = max(1, options.n_threads)
-        so.inter_op_num_threads = 1
-        so.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-        # spinning threads would take the cores from the HTTP server and the other engines' work
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._vocabulary = GgufVocabulary.open(
+            path / TOKENIZER_FILE, chat_template_override=options.chat_template_override
+        )
         try:
-            self._session = onnxruntime.InferenceSession(str(path / MODEL_FILE), so, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own untyped errors for a bad file
-            self._vocab.close()
-            raise ModelLoadError(path, f"onnxruntime cannot load it: {exc}") from exc
+            # spinning threads would take the cores from the HTTP server and the other engines' work
+            self._session = cpu_session(path / MODEL_FILE, options.n_threads, spinning=False)
+        except ModelLoadError:
+            self._vocabulary.close()
+            raise
         n_ctx = min(options.n_ctx_per_slot, config.n_ctx_train)
         self._n_ctx = n_ctx
         shape = (options.n_slots, config.n_head_kv, n_ctx + 1, config.head_dim)  # + the spare cell
@@ -137,14 +132,14 @@ class OnnxModel:
             n_ctx_train=config.n_ctx_train,
             n_vocab=config.n_vocab,
             description=f"{config.source} as ONNX {config.precision}",
-            has_chat_template=self._vocab.has_chat_template,
-            metadata=self._vocab.metadata,
+            has_chat_template=self._vocabulary.has_chat_template,
+            metadata=self._vocabulary.metadata,
             exact_chunk=2,
             quantization=config.precision,
             backend="cpu",
         )
         # a dummy row costs reading its slot's cached K and V; a separate call costs reading the weights again
-        self._weight_bytes = sum(f.stat().st_size for f in path.iterdir() if f.name.startswith(MODEL_FILE))
+        self._weight_bytes = weight_bytes(path)
         self._kv_bytes_per_cell = 2 * config.n_layer * config.n_head_kv * config.head_dim * 4
         self._warm_up(path)
         log.info(
@@ -172,29 +167,10 @@ class OnnxModel:
     def facts(self) -> ModelFacts:
         return self._facts
 
-    # -- text: llama.cpp's vocabulary functions on the tokenizer.gguf
-
-    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
-        return self._vocab.tokenize(text, add_special=add_special, parse_special=parse_special)
-
-    def vocabulary(self) -> list[bytes]:
-        return self._vocab.vocabulary()
-
-    def token_bytes(self, token: int) -> bytes:
-        return self._vocab.token_bytes(token)
-
-    def is_end_of_generation(self, token: int) -> bool:
-        return self._vocab.is_end_of_generation(token)
-
-    def render_chat(self, messages: Sequence[ChatMessage], tools: Sequence[dict[str, Any]] = ()) -> str:
-        return self._vocab.render_chat(messages, tools)
-
-    @property
-    def chat_template(self) -> str:
-        return self._vocab.chat_template
+    # -- text: llama.cpp's vocabulary functions on the tokenizer.gguf (VocabularyMethods)
 
     def new_sampler(self, params: SamplingParams) -> Any:
-        return self._sampler_class(self._vocab.lib, self._config.n_vocab, params, self._row)
+        return ArraySampler(self._vocabulary.lib, self._config.n_vocab, params, self._row)
 
     def _row(self, output_index: int) -> np.ndarray:
         return self._outputs[output_index]
@@ -327,7 +303,7 @@ class OnnxModel:
             self._bindings.clear()
             self._session = None
             self._kv.clear()
-            self._vocab.close()
+            self._vocabulary.close()
 
 
 class OnnxEngine:
