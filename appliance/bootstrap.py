@@ -12,15 +12,23 @@ import os
 import socket
 import stat
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.config import Paths, Settings
+from appliance.config import Paths, Settings, parse_duration
+from appliance.generation import ModelUnavailableError
 from appliance.hardware.detect import detect
 from appliance.hardware.facts import HardwareFacts
-from appliance.hardware.planner import ModelPlan, ModelRequest, Overrides, plan_models
+from appliance.hardware.planner import (
+    NOT_ENOUGH_MEMORY,
+    ModelPlan,
+    ModelRequest,
+    Overrides,
+    plan_addition,
+    plan_models,
+)
 from appliance.hardware.report import HardwareReport, build_report, hardware_summary
 from appliance.modelstore import ModelFileError
 from appliance.registry import ModelSpec, Registry, RegistryError, load_registry
@@ -31,6 +39,7 @@ if TYPE_CHECKING:
     from appliance.embedding import EmbedderLoader, EmbeddingModels
     from appliance.lora.sync import AdapterSync
     from appliance.requestlog.writer import DisabledLog, LogWriter
+    from appliance.residency import Loader, Lookup, Residency, Resident
     from appliance.responses_store import ResponseStore
     from appliance.scheduler import ModelRunner, Scheduler
     from engines.embeddings import Embedder
@@ -77,8 +86,10 @@ def sampling_defaults(spec: ModelSpec) -> SamplingParams:
     return SamplingParams(**spec.sampling.model_dump(exclude_none=True))
 
 
-def load_runner(spec: ModelSpec, settings: Settings, paths: Paths, plan: ModelPlan) -> ModelRunner:
-    """Load one model as its plan says."""
+def load_runner(
+    spec: ModelSpec, settings: Settings, paths: Paths, plan: ModelPlan, *, background: bool = False
+) -> ModelRunner:
+    """Load one model as its plan says (``background``: beside models that are serving)."""
     from appliance.modelstore import verify_model_file
     from appliance.scheduler import ModelRunner, RunnerConfig
 
@@ -95,6 +106,7 @@ def load_runner(spec: ModelSpec, settings: Settings, paths: Paths, plan: ModelPl
         main_gpu=plan.main_gpu,
         chat_template_override=spec.chat_template,
         flash_attn=settings.flash_attn,
+        background=background,
     )
     model = engine_class(spec.engine)().load(path, options)
     config = RunnerConfig(
@@ -235,6 +247,83 @@ def detect_and_plan(
     for plan in report.plans:
         log.info("plan: %s", plan.summary())
     return planned, report
+
+
+def keep_alive_for(spec: ModelSpec, settings: Settings, *, on_demand: bool) -> float | None:
+    """Seconds idle before the model is unloaded (None: never): models.toml's, else --keep-alive's,
+    else a model started with the server stays and one loaded by a request goes after 5 minutes."""
+    from appliance.residency import DEFAULT_ON_DEMAND_KEEP_ALIVE
+
+    for value in (spec.keep_alive, settings.keep_alive):
+        if value is not None:
+            return parse_duration(value)
+    return DEFAULT_ON_DEMAND_KEEP_ALIVE if on_demand else None
+
+
+def chat_lookup(paths: Paths) -> Lookup:
+    """A request's model name -> a registered chat model's id, from models.toml as it is now."""
+
+    def lookup(name: str) -> str | None:
+        try:
+            spec = load_registry(paths).get(name)
+        except RegistryError:
+            return None
+        return spec.id if spec.kind == "chat" else None
+
+    return lookup
+
+
+def on_demand_loader(
+    settings: Settings, paths: Paths, hardware: HardwareFacts, sources: Mapping[str, str] | None = None
+) -> Loader:
+    """How a request loads a registered model: planned beside the loaded ones, refused if it would not fit."""
+    from appliance.hardware.cpu import probe_cpu
+    from appliance.residency import Resident
+
+    def load(model_id: str, loaded: Sequence[ModelPlan]) -> Resident:
+        from appliance.modelstore import verify_model_file
+
+        try:
+            spec = load_registry(paths).get(model_id)
+            # first: a moved or changed file is reported as such (with how to relink it), not as a plan error
+            verify_model_file(paths, spec, check_sha256=settings.verify_sha256, progress=False)
+        except (RegistryError, ModelFileError) as exc:
+            raise ModelUnavailableError(model_id, str(exc)) from exc
+        request = model_request(spec, settings, paths, sources)
+        plan = plan_addition(hardware, loaded, request, ram_now=probe_cpu().ram_available)
+        if plan.error:
+            code = "insufficient_memory" if plan.error.startswith(NOT_ENOUGH_MEMORY) else "model_unavailable"
+            raise ModelUnavailableError(model_id, f"{spec.id}: {plan.error}", code=code)
+        log.info("plan: %s", plan.summary())
+        try:
+            runner = load_runner(spec, settings, paths, plan, background=True)
+        except (RegistryError, ModelFileError, ModelLoadError) as exc:
+            raise ModelUnavailableError(model_id, str(exc)) from exc
+        return Resident(runner, plan, spec.aliases, keep_alive_for(spec, settings, on_demand=True))
+
+    return load
+
+
+def build_residency(
+    scheduler: Scheduler,
+    planned: list[tuple[ModelSpec, ModelPlan]],
+    settings: Settings,
+    paths: Paths,
+    hardware: HardwareFacts,
+    *,
+    sources: Mapping[str, str] | None = None,
+    on_loaded: Callable[[str], object] | None = None,
+) -> Residency:
+    """The started models as residents, and how any other registered model is loaded when asked for."""
+    from appliance.residency import Residency, Resident
+
+    residency = Residency(
+        scheduler, chat_lookup(paths), on_demand_loader(settings, paths, hardware, sources), on_loaded=on_loaded
+    )
+    for spec, plan in planned:
+        keep_alive = keep_alive_for(spec, settings, on_demand=False)
+        residency.adopt(Resident(scheduler.resolve(spec.id), plan, spec.aliases, keep_alive))
+    return residency
 
 
 def build_request_log(settings: Settings, paths: Paths) -> LogWriter | DisabledLog:
@@ -413,9 +502,12 @@ def serve(settings: Settings, paths: Paths, sources: Mapping[str, str] | None = 
     request_log: LogWriter | DisabledLog | None = None
     responses: ResponseStore | None = None
     embeddings: EmbeddingModels | None = None
+    residency: Residency | None = None
     served = False
 
     def stop_work() -> None:  # idempotent: the drain calls it, and the cleanup below again
+        if residency is not None:
+            residency.close()
         if adapters is not None:
             adapters.stop()
         if scheduler is not None:
@@ -444,6 +536,10 @@ def serve(settings: Settings, paths: Paths, sources: Mapping[str, str] | None = 
             finally:
                 scheduler = loading.result()  # a load error wins: it is the one to report
         adapters = build_adapters(scheduler, paths)
+        residency = build_residency(
+            scheduler, planned, settings, paths, hardware.hardware, sources=sources, on_loaded=lambda _: adapters.sync()
+        )
+        residency.start()
         embeddings = build_embeddings(settings, paths)
         app = create_app(
             scheduler,
@@ -455,6 +551,7 @@ def serve(settings: Settings, paths: Paths, sources: Mapping[str, str] | None = 
             sources=sources,
             responses=responses,
             embeddings=embeddings,
+            residency=residency,
         )
         server = make_server(
             app,

@@ -117,6 +117,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         choices=["off", "prompt-lookup"],
         help="speculative decoding for every model (default: per model, in models.toml)",
     )
+    p.add_argument(
+        "--keep-alive",
+        metavar="DURATION",
+        help="unload a model idle this long ('5m', '1h', seconds, 'forever'; default: started models stay, "
+        "models loaded on demand go after 5m)",
+    )
     _switch_off(p, "--no-log", "log_requests", "do not record exchanges in the request log")
     p.add_argument("--log-file", type=Path, help="request log database (default: requests.sqlite in the home)")
     p.add_argument("--log-max-age-days", type=float, help="delete logged exchanges older than this")
@@ -164,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rm = msub.add_parser("remove", help="unregister a model; a file in the store is deleted, a linked one is not")
     rm.add_argument("model", help="the model's id")
+    rm.add_argument(
+        "--force", action="store_true", help="if a running server has it loaded, unload it first (else: refused)"
+    )
+    ps_cli.server_args(rm)
     conv = msub.add_parser("convert", help="convert a GGUF model of the store to ONNX, offline, as a new model")
     conv.add_argument("model", help="the GGUF model's id (see `appliance models list`)")
     conv.add_argument("--to", choices=["onnx"], default="onnx", help="the format (default: onnx)")
@@ -236,6 +246,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except StartupError as exc:
         return _fail(str(exc))
     return 0
+
+
+def _unload_before_remove(args: argparse.Namespace) -> None:
+    """A model a running server has loaded is not removed under it: refused, or with --force unloaded first."""
+    settings, _ = _settings(argparse.Namespace(), app_paths())
+    api_key = args.api_key or settings.api_key
+    state = ps_cli.loaded_state(args.url, settings.host, settings.port, api_key, args.model)
+    if state in (None, "not_loaded"):
+        return
+    if not args.force:
+        raise ps_cli.PsError(
+            f"'{args.model}' is {state} in the server at {args.url or f'port {settings.port}'}: unload it first "
+            f"(appliance unload {args.model}), or remove it with --force, which unloads it"
+        )
+    print(f"unloading {args.model} from the running server (its running requests end first)...", file=sys.stderr)
+    ps_cli.unload(args.url, settings.host, settings.port, api_key, args.model)
 
 
 def _import(paths: Paths, args: argparse.Namespace) -> int:
@@ -324,6 +350,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
         if args.models_command == "remove":
             from appliance.modelstore import remove_model
 
+            _unload_before_remove(args)
             spec, deleted = remove_model(paths, args.model)
             kept = f"deleted {deleted}" if deleted else f"its file stays where it is ({spec.location()})"
             print(f"removed {spec.id} from {paths.models_file}; {kept}")
@@ -424,6 +451,9 @@ def _run(argv: Sequence[str] | None) -> int:
             return _cmd_doctor(args)
         if args.command == "paths":
             return _cmd_paths(args)
+        if args.command in ("load", "unload"):
+            settings, _ = _settings(argparse.Namespace(), app_paths())
+            return ps_cli.residency(args, settings.host, settings.port, settings.api_key)
         if args.command == "ps":
             settings, _ = _settings(argparse.Namespace(), app_paths())
             return ps_cli.run(args, settings.host, settings.port, settings.api_key)

@@ -35,6 +35,36 @@ class ConfigError(Exception):
     """A setting is invalid; the message names the setting and where it came from."""
 
 
+_DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+FOREVER_WORDS = ("forever", "never", "-1")
+
+
+def parse_duration(value: str | float | None) -> float | None:
+    """A keep-alive as Ollama writes it, in seconds; ``None`` means forever.
+
+    Seconds as a number (``300``), or ``30s``, ``5m``, ``1h30m``; a negative number, ``forever``
+    or ``never`` keep the model loaded for good; ``0`` unloads it as soon as it is idle.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string such as '5m'")
+    if isinstance(value, int | float):
+        return None if value < 0 else float(value)
+    text = value.strip().lower()
+    if text in FOREVER_WORDS or text.startswith("-"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    match = _DURATION_RE.match(text)
+    if not text or match is None:
+        raise ValueError(f"{value!r} is not a duration: write seconds (300), '30s', '5m', '1h30m', or 'forever'")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
 class Settings(BaseModel):
     """Server settings. Field descriptions are the reference documentation (see README)."""
 
@@ -102,6 +132,12 @@ class Settings(BaseModel):
     speculative: Literal["off", "prompt-lookup"] | None = Field(
         None, description="Speculative decoding for every model; default: each model's own setting in models.toml."
     )
+    keep_alive: str | None = Field(
+        None,
+        description="How long an idle model stays loaded ('5m', '1h', seconds, 'forever'; '0': unload when idle), "
+        "for every model without its own keep_alive in models.toml. Default: the models started with the server "
+        "stay; a model loaded on demand by a request is unloaded after 5 minutes idle.",
+    )
     log_requests: bool = Field(True, description="Record every exchange in the request log (SQLite) for fine-tuning.")
     log_file: Path | None = Field(None, description="The request log database; default: requests.sqlite in the home.")
     log_redact: tuple[str, ...] = Field(
@@ -144,6 +180,12 @@ class Settings(BaseModel):
         if self.batch_size is not None and self.parallel is not None and self.batch_size < self.parallel:
             raise ValueError(f"batch_size ({self.batch_size}) must be at least parallel ({self.parallel})")
         return self
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _is_duration(cls, value: str | None) -> str | None:
+        parse_duration(value)
+        return value
 
     @field_validator("log_redact")
     @classmethod

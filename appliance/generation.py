@@ -84,6 +84,19 @@ class QueueFullError(ApplianceError):
         self.retry_after = retry_after
 
 
+class ModelUnavailableError(ApplianceError):
+    """A registered model cannot answer now: it does not fit beside the loaded ones, its file has a
+    problem, or it is being unloaded. A 503: the server is fine, and the message says what would help."""
+
+    def __init__(
+        self, model: str, message: str, code: str = "model_unavailable", retry_after: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.model = model
+        self.code = code
+        self.retry_after = retry_after
+
+
 class ShuttingDownError(ApplianceError):
     def __init__(self) -> None:
         super().__init__("The server is shutting down.")
@@ -161,6 +174,9 @@ class Generation:
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     finish: FinishEvent | None = None
     base_model: str = ""  # the loaded model under the id answered as ``model``
+    # what the request log records of that model (file sha256, quantisation, engine, device): kept
+    # here, as the model may be unloaded before the record is written
+    provenance: dict[str, str | None] = field(default_factory=dict, repr=False)
     adapters: tuple[tuple[str, float, str | None], ...] = ()  # applied: name, scale, file sha256
     tool_format: ToolFormat | None = None  # how to read tool calls out of the text, when tools were offered
     # what was consumed so far, for the request log: the text and when its first piece came

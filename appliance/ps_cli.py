@@ -1,8 +1,9 @@
-"""``appliance ps``: the models a running server has loaded, as Ollama's and LM Studio's ``ps`` show them.
+"""``appliance ps``, ``load`` and ``unload``: a running server's models, as Ollama's and LM Studio's CLIs show them.
 
-It asks the server over its own HTTP API (``/health``, ``/v1/appliance/hardware``,
-``/v1/appliance/loras``), as any client would: slots busy and free, requests waiting, the
-device, the memory its plan booked, idle time, and the adapters loaded on each model.
+They ask the server over its own HTTP API, as any client would. ``ps`` reads ``/health``,
+``/v1/appliance/hardware`` and ``/v1/appliance/loras``: slots busy and free, requests waiting,
+the device, the memory its plan booked, idle time, and the adapters loaded on each model.
+``load`` and ``unload`` call ``/v1/appliance/models/{id}/load`` and ``.../unload``.
 """
 
 from __future__ import annotations
@@ -21,26 +22,101 @@ class PsError(Exception):
     """No server answered, or it refused; the message says which and what to do."""
 
 
+def server_args(p: Any) -> None:
+    p.add_argument("--url", help="the server (default: http://127.0.0.1:PORT from the settings)")
+    p.add_argument("--api-key", help="its API key (default: APPLIANCE_API_KEY or config.toml)")
+
+
 def add_parser(sub: Any) -> None:
     ps = sub.add_parser("ps", help="the models a running server has loaded: slots, memory, idle time, adapters")
-    ps.add_argument("--url", help="the server (default: http://127.0.0.1:PORT from the settings)")
-    ps.add_argument("--api-key", help="its API key (default: APPLIANCE_API_KEY or config.toml)")
+    server_args(ps)
     ps.add_argument("--json", action="store_true", help="machine-readable output")
+    load = sub.add_parser("load", help="load a registered model into a running server now (planned beside the others)")
+    load.add_argument("model", help="the model's id or alias")
+    server_args(load)
+    unload = sub.add_parser("unload", help="unload a model from a running server, once its running requests end")
+    unload.add_argument("model", help="the model's id or alias")
+    server_args(unload)
+
+
+def client(url: str | None, host: str, port: int, api_key: str | None, timeout: float | None = 10) -> httpx.Client:
+    """An HTTP client of the server the settings name (or ``url``)."""
+    import httpx  # only these commands need an HTTP client
+
+    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    base = (url or f"http://{local}:{port}").rstrip("/")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.Client(base_url=base, headers=headers, timeout=timeout)
+
+
+def _no_server(http: httpx.Client, exc: Exception) -> PsError:
+    return PsError(f"no server answers at {http.base_url} ({exc}); start one with `appliance serve`, or give --url")
+
+
+def residency(args: argparse.Namespace, host: str, port: int, api_key: str | None) -> int:
+    """``appliance load|unload MODEL``: what the server says of the model afterwards."""
+    import httpx
+
+    with client(args.url, host, port, args.api_key or api_key, timeout=None) as http:
+        try:
+            resp = http.post(f"/v1/appliance/models/{args.model}/{args.command}")
+        except httpx.TransportError as exc:
+            raise _no_server(http, exc) from exc
+    if resp.status_code == 401:
+        raise PsError(f"{http.base_url} wants an API key: give --api-key or set APPLIANCE_API_KEY")
+    if resp.status_code >= 400:
+        message = resp.json().get("error", {}).get("message", resp.text[:300]) if resp.content else resp.reason_phrase
+        raise PsError(f"{args.command} {args.model}: {message}")
+    state = resp.json()
+    if state["state"] == "loaded":
+        took = f" in {state['load_seconds']:.1f} s" if state.get("load_seconds") is not None else ""
+        stays = state.get("keep_alive_seconds")
+        keep = "stays loaded" if stays is None else f"unloaded after {stays:g} s idle"
+        memory = size(state.get("memory_bytes") or 0)
+        print(f"{state['id']}: loaded{took} on {state.get('device') or '?'}, {memory}; {keep}")
+    else:
+        print(f"{state['id']}: {state['state'].replace('_', ' ')}")
+    return 0
+
+
+def loaded_state(url: str | None, host: str, port: int, api_key: str | None, model: str) -> str | None:
+    """The model's state on the server the settings name; None if no server answers or it does not know it."""
+    import httpx
+
+    try:
+        with client(url, host, port, api_key, timeout=5) as http:
+            resp = http.get(f"/v1/appliance/models/{model}/state")
+    except httpx.TransportError:
+        return None
+    if resp.status_code != 200:
+        return None
+    state: str = resp.json()["state"]
+    return state
+
+
+def unload(url: str | None, host: str, port: int, api_key: str | None, model: str) -> None:
+    import httpx
+
+    with client(url, host, port, api_key, timeout=None) as http:
+        try:
+            resp = http.post(f"/v1/appliance/models/{model}/unload")
+        except httpx.TransportError as exc:
+            raise _no_server(http, exc) from exc
+    if resp.status_code != 200:
+        raise PsError(f"could not unload {model}: {resp.text[:300]}")
 
 
 def run(args: argparse.Namespace, host: str, port: int, api_key: str | None) -> int:
-    import httpx  # only this command needs an HTTP client
+    import httpx
 
-    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    base = (args.url or f"http://{local}:{port}").rstrip("/")
-    headers = {"Authorization": f"Bearer {args.api_key or api_key}"} if (args.api_key or api_key) else {}
+    http_client = client(args.url, host, port, args.api_key or api_key)
     try:
-        with httpx.Client(base_url=base, headers=headers, timeout=10) as http:
+        with http_client as http:
             health = _get(http, "/health")
             plans = {p["model"]: p for p in _get(http, "/v1/appliance/hardware").get("plans", [])}
             adapters = _get(http, "/v1/appliance/loras").get("data", [])
     except httpx.TransportError as exc:
-        raise PsError(f"no server answers at {base} ({exc}); start one with `appliance serve`, or give --url") from exc
+        raise _no_server(http_client, exc) from exc
     rows = []
     for stats in health.get("models", []):
         plan = plans.get(stats["model"], {})

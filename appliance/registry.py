@@ -17,9 +17,9 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from appliance.config import Paths
+from appliance.config import Paths, parse_duration
 
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
@@ -68,12 +68,20 @@ class ModelSpec(BaseModel):
     device: Literal["auto", "cpu", "cuda", "rocm", "metal", "vulkan"] | None = None
     gpu_layers: int | None = Field(None, ge=-1)
     threads: int | None = Field(None, ge=1, le=1024)
+    # how long this model stays loaded while idle ("5m", seconds, "forever"); default: the server's --keep-alive
+    keep_alive: str | float | None = None
     # embedding models: how token states become one vector (default: the file's own), and whether the
     # model was trained so that a vector's first values are a good shorter vector (Matryoshka), which
     # lets a request ask for fewer `dimensions`
     pooling: Literal["mean", "cls", "last"] | None = None
     matryoshka: bool = False
     source: str = "built-in"
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _is_duration(cls, value: str | float | None) -> str | float | None:
+        parse_duration(value)
+        return value
 
     @model_validator(mode="after")
     def _one_location(self) -> ModelSpec:

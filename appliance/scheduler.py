@@ -33,6 +33,7 @@ from appliance.generation import (
     GenerationRequest,
     InvalidParameterError,
     InvalidPromptError,
+    ModelUnavailableError,
     Prepared,
     QueueFullError,
     ShuttingDownError,
@@ -266,6 +267,7 @@ class ModelRunner:
         self._free: list[_Slot] = [_Slot(i) for i in range(model.facts.n_slots)]
         self._cond = threading.Condition()
         self._stopping = False
+        self._draining = False  # being unloaded: what is queued and running ends, nothing new comes in
         self._counters = dict.fromkeys(
             (
                 "requests",
@@ -296,6 +298,8 @@ class ModelRunner:
         with self._cond:
             if self._stopping:
                 raise ShuttingDownError()
+            if self._draining:
+                raise unloading_error(self.model_id)
             # jobs not yet admitted will take the free slots first; beyond them, max_queue may wait
             if len(self._waiting) >= self.config.max_queue + len(self._free):
                 self._counters["rejected"] += 1
@@ -444,6 +448,21 @@ class ModelRunner:
         adapter.handle.close()
         adapter.gone.set()
         log.info("%s: LoRA adapter %s freed", self.model_id, adapter.name)
+
+    def drain(self) -> None:
+        """Take no new requests; those queued and running go on to their end (see ``wait_idle``)."""
+        with self._cond:
+            self._draining = True
+
+    def wait_idle(self, timeout: float | None = None, poll: float = 0.05) -> bool:
+        """Wait until nothing is queued or running; False if ``timeout`` passed first."""
+        deadline = None if timeout is None else self._clock() + timeout
+        with self._cond:
+            while self._waiting or self._active:
+                if deadline is not None and self._clock() >= deadline:
+                    return False
+                self._cond.wait(poll)
+        return True
 
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel everything still running and wait for the decode thread to exit."""
@@ -756,19 +775,48 @@ class ModelRunner:
                 each.emit(FinishEvent("shutdown", len(job.tokens), 0, message))
 
 
+def unloading_error(model: str) -> ModelUnavailableError:
+    return ModelUnavailableError(
+        model, f"The model '{model}' is being unloaded; retry in a moment.", code="model_unloading", retry_after=1
+    )
+
+
 class Scheduler:
-    """Routes requests to the runner of their model; the API's only way to the engines."""
+    """Routes requests to the runner of their model; the API's only way to the engines.
+
+    Models come and go while it serves (``add``, ``detach``): the routing tables are replaced,
+    never changed in place, so a request thread reading them never sees one half-changed.
+    """
 
     def __init__(self) -> None:
         self._runners: dict[str, ModelRunner] = {}
         self._aliases: dict[str, str] = {}
+        self._leaving: dict[str, str] = {}  # ids and aliases of models being unloaded -> their id
         self._accepting = True
 
     def add(self, runner: ModelRunner, aliases: tuple[str, ...] = ()) -> None:
-        self._runners[runner.model_id] = runner
-        for alias in aliases:
-            self._aliases.setdefault(alias, runner.model_id)
+        model_id = runner.model_id
+        self._runners = {**self._runners, model_id: runner}
+        self._aliases = {**{alias: model_id for alias in aliases}, **self._aliases}
+        self._leaving = {name: m for name, m in self._leaving.items() if m != model_id}
         runner.start()
+
+    def detach(self, model_id: str) -> ModelRunner:
+        """Stop routing requests to a model and drain its runner; the caller waits and stops it.
+
+        A request naming it meanwhile gets a 503 to retry (``model_unloading``), not a 404.
+        """
+        runner = self._runners[model_id]
+        runner.drain()
+        names = [model_id, *(alias for alias, m in self._aliases.items() if m == model_id)]
+        self._leaving = {**self._leaving, **dict.fromkeys(names, model_id)}
+        self._runners = {m: r for m, r in self._runners.items() if m != model_id}
+        self._aliases = {alias: m for alias, m in self._aliases.items() if m != model_id}
+        return runner
+
+    def forget(self, model_id: str) -> None:
+        """A detached model is gone: its name is unknown again (or loadable on demand)."""
+        self._leaving = {name: m for name, m in self._leaving.items() if m != model_id}
 
     @property
     def model_ids(self) -> list[str]:
@@ -789,9 +837,19 @@ class Scheduler:
             return runner, None
         base, _, adapter = model.rpartition(":")
         runner = self._runner(base)
+        if runner is None and (model in self._leaving or base in self._leaving):
+            raise unloading_error(self._leaving.get(model) or self._leaving[base])
         if runner is None or not runner.has_adapter(adapter):
             raise UnknownModelError(model, self.model_ids + [m for m, _, _ in self.adapter_models()])
         return runner, adapter
+
+    def routes(self, model: str) -> bool:
+        """Whether a request naming this model (or adapter) would reach a loaded runner now."""
+        try:
+            self.target(model)
+        except (UnknownModelError, ModelUnavailableError):
+            return False
+        return True
 
     def _runner(self, model: str) -> ModelRunner | None:
         return self._runners.get(model if model in self._runners else self._aliases.get(model, ""))
@@ -950,6 +1008,7 @@ class Scheduler:
         shown = f"{runner.model_id}:{implied}" if implied else runner.model_id
         generation = Generation(job_id, shown, len(prepared.tokens), queue)
         generation.base_model = runner.model_id
+        generation.provenance = runner.provenance
         generation.adapters = tuple((a.name, scale, a.sha256) for a, scale in adapters)
         generation.tool_format = prepared.tool_format
         job = _Job(

@@ -101,6 +101,9 @@ class LoadOptions:
     # llama.cpp's "extra" weight buffers (repacked layouts: AMX, CPU_REPACK). None: the engine
     # decides (off where the CPU has AMX, whose kernels crash here; see GgufModel).
     extra_buffers: bool | None = None
+    # Loaded while other models serve (on demand): the engine keeps its long load work at a low
+    # CPU priority where it can, so their streams keep their pace on a machine with few cores.
+    background: bool = False
 
 
 @dataclass(frozen=True)

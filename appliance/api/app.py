@@ -32,6 +32,7 @@ from appliance.embedding import EmbeddingModels
 from appliance.hardware.report import HardwareReport
 from appliance.lora.sync import AdapterSync
 from appliance.requestlog.writer import DisabledLog, RequestLog
+from appliance.residency import Residency
 from appliance.responses_store import ResponseStore
 from appliance.scheduler import Scheduler
 
@@ -46,6 +47,7 @@ def create_app(
     sources: Mapping[str, str] | None = None,
     responses: ResponseStore | None = None,
     embeddings: EmbeddingModels | None = None,
+    residency: Residency | None = None,
 ) -> FastAPI:
     app = FastAPI(
         title="LLM appliance",
@@ -61,6 +63,7 @@ def create_app(
     app.state.responses = responses or ResponseStore(None)  # /v1/responses' store; in memory without a home
     app.state.sources = sources  # where each setting came from (config.load_settings_with_sources), if known
     app.state.started = int(time.time())
+    app.state.residency = residency  # loads and unloads chat models at runtime; without it, only those loaded serve
     app.state.embeddings = embeddings  # /v1/embeddings: the registered embedding models, each loaded on first use
     app.state.refusals = Counter()  # edge refusals by code, for /metrics
     app.state.metrics = metrics_registry(scheduler, app.state.request_log, app.state.refusals)

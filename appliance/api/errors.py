@@ -22,6 +22,7 @@ from appliance.generation import (
     GenerationFailedError,
     InvalidParameterError,
     InvalidPromptError,
+    ModelUnavailableError,
     QueueFullError,
     ShuttingDownError,
     UnknownAdapterError,
@@ -72,6 +73,9 @@ def from_appliance_error(exc: ApplianceError) -> APIError:
         return APIError(
             503, str(exc), type="server_error", code="server_overloaded", headers={"Retry-After": str(exc.retry_after)}
         )
+    if isinstance(exc, ModelUnavailableError):
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+        return APIError(503, str(exc), type="server_error", param="model", code=exc.code, headers=headers)
     if isinstance(exc, ShuttingDownError):
         return APIError(503, str(exc), type="server_error", code="shutting_down", headers={"Retry-After": "5"})
     if isinstance(exc, GenerationFailedError):

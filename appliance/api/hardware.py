@@ -96,6 +96,9 @@ async def hardware(request: Request) -> dict[str, Any]:
     if report is None:
         raise APIError(404, "this server was started without a hardware report", code="not_found")
     data: dict[str, Any] = report.model_dump(mode="json")
+    residency = getattr(request.app.state, "residency", None)
+    if residency is not None:  # the plans of the models loaded now, start-up's and on-demand ones alike
+        data["plans"] = [plan.model_dump(mode="json") for plan in residency.plans()]
     return data
 
 

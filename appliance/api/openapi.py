@@ -88,6 +88,7 @@ STATUS_TABLE: tuple[tuple[str, str, Callable[[Operation], bool]], ...] = (
     ("500", "ServerError", _always),
     ("503", "Overloaded", lambda op: op.path in GENERATIONS),
     ("503", "LoraUnavailable", lambda op: op.is_lora),
+    ("503", "ModelUnavailable", lambda op: op.path.endswith("/load")),
 )
 
 
@@ -111,6 +112,31 @@ def _error_response(description: str, examples: dict[str, JsonObject], headers: 
 def _header(description: str, schema: JsonObject) -> JsonObject:
     return {"description": description, "schema": schema}
 
+
+# what a request naming a registered model that is not loaded may get (loading it on demand)
+MODEL_UNAVAILABLE: dict[str, JsonObject] = {
+    "insufficient_memory": _error(
+        "gemma3-270m: not enough memory to load 'gemma3-270m': it needs 1.1 GiB of RAM and 640 MiB is free beside "
+        "what is loaded (smollm2-135m-instruct); unload a model (POST /v1/appliance/models/ID/unload, or "
+        "`appliance unload ID`), or set a smaller ctx_size or parallel",
+        type="server_error",
+        param="model",
+        code="insufficient_memory",
+    ),
+    "model_unavailable": _error(
+        "model 'gemma3-270m' is linked to /data/models/gemma.gguf, which is gone (moved or deleted); if it moved: "
+        "appliance models remove gemma3-270m && appliance models import NEW-PATH --link --id gemma3-270m",
+        type="server_error",
+        param="model",
+        code="model_unavailable",
+    ),
+    "model_unloading": _error(
+        "The model 'gemma3-270m' is being unloaded; retry in a moment.",
+        type="server_error",
+        param="model",
+        code="model_unloading",
+    ),
+}
 
 FORBIDDEN_EXAMPLES: dict[str, JsonObject] = {
     "forbidden_host": _error(
@@ -218,8 +244,14 @@ COMPONENT_RESPONSES: dict[str, JsonObject] = {
                 "The request timed out waiting: no slot within 60 s.", type="server_error", code="queue_timeout"
             ),
             "shutting_down": _error("The server is shutting down.", type="server_error", code="shutting_down"),
+            **{name: example for name, example in MODEL_UNAVAILABLE.items() if name != "model_unavailable"},
         },
         {"Retry-After": _header("Seconds to wait before retrying.", {"type": "integer", "minimum": 0})},
+    ),
+    "ModelUnavailable": _error_response(
+        "The model cannot be loaded now: it does not fit beside the loaded models (`insufficient_memory`), "
+        "its file has a problem (`model_unavailable`), or it is being unloaded (`model_unloading`).",
+        MODEL_UNAVAILABLE,
     ),
     "LoraUnavailable": _error_response(
         "This server was started without LoRA adapter support.",

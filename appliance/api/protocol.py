@@ -210,6 +210,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "appliance"
     parent: str | None = None  # for a LoRA adapter: the model it runs on
+    # "loaded", "loading", "unloading" or "not_loaded" (a request naming it loads it first)
+    state: str | None = None
 
 
 class ModelList(BaseModel):

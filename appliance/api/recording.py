@@ -151,7 +151,7 @@ class Exchange:
         provenance: dict[str, Any] = self.provenance
         adapters: list[dict[str, Any]] = []
         if gens:
-            provenance = self._request.app.state.scheduler.resolve(model).provenance
+            provenance = gens[0].provenance
             adapters = [{"name": n, "scale": scale, "sha256": sha} for n, scale, sha in gens[0].adapters]
         first = [g.first_text_at for g in gens if g.first_text_at is not None]
         choices = [

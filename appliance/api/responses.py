@@ -22,6 +22,7 @@ from fastapi.responses import Response
 from appliance.api import convert
 from appliance.api.edge import request_id, require_api_key, set_response_id
 from appliance.api.errors import APIError, from_appliance_error
+from appliance.api.models import ensure_model
 from appliance.api.recording import Exchange
 from appliance.api.responses_convert import (
     Item,
@@ -141,6 +142,7 @@ async def _submit(request: Request, translation: Translation, response_id: str, 
     try:
         internal = convert.chat_request(translation.chat)
         exchange.requests.append(internal)
+        await ensure_model(request, internal.model)
         gen = await _scheduler(request).submit(internal, response_id)
     except APIError as exc:
         raise translation.remap(exc) from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from typing import Any
@@ -15,6 +16,7 @@ from appliance.api.answers import chat_choice, completion_logprobs
 from appliance.api.edge import request_id, require_api_key, set_response_id
 from appliance.api.errors import APIError
 from appliance.api.metrics import render
+from appliance.api.models import ensure_model, servable_chat_models
 from appliance.api.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -83,20 +85,30 @@ async def metrics(request: Request) -> Response:
 
 @v1.get("/models")
 async def list_models(request: Request) -> ModelList:
-    """The loaded models, then each loaded LoRA adapter as a model of its own (``parent``: its base)."""
+    """Every chat model a request may name, with its ``state`` (one not loaded is loaded by the first
+    request naming it), then each loaded LoRA adapter as a model of its own (``parent``: its base)."""
     scheduler, created = _scheduler(request), request.app.state.started
-    cards = [ModelCard(id=m, created=created) for m in scheduler.model_ids]
-    cards += [ModelCard(id=m, created=c, parent=parent) for m, parent, c in scheduler.adapter_models()]
+    models = await asyncio.to_thread(servable_chat_models, request)
+    cards = [ModelCard(id=m, created=created, state=state) for m, state in models]
+    adapters = scheduler.adapter_models()
+    cards += [ModelCard(id=m, created=c, parent=parent, state="loaded") for m, parent, c in adapters]
     return ModelList(data=cards)
 
 
 @v1.get("/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> ModelCard:
-    runner, adapter = _scheduler(request).target(model_id)
+    scheduler = _scheduler(request)
+    if not scheduler.routes(model_id):
+        models = dict(await asyncio.to_thread(servable_chat_models, request))
+        residency = request.app.state.residency
+        found = residency.model_id(model_id) if residency is not None else None
+        if found in models:
+            return ModelCard(id=found, created=request.app.state.started, state=models[found])
+    runner, adapter = scheduler.target(model_id)
     if adapter is None:
-        return ModelCard(id=runner.model_id, created=request.app.state.started)
+        return ModelCard(id=runner.model_id, created=request.app.state.started, state="loaded")
     _, created, _ = runner.adapters().get(adapter, (None, 0, 0))
-    return ModelCard(id=f"{runner.model_id}:{adapter}", created=created, parent=runner.model_id)
+    return ModelCard(id=f"{runner.model_id}:{adapter}", created=created, parent=runner.model_id, state="loaded")
 
 
 def _choices(internal: GenerationRequest, n: int) -> list[GenerationRequest]:
@@ -118,6 +130,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         internal = convert.chat_request(body)
         internals = _choices(internal, body.n or 1)
         exchange.requests.append(internal)
+        await ensure_model(request, body.model)
         _check_capacity(request, body.model, len(internals), "n")
         created = int(time.time())
         gens = await _submit_all(_scheduler(request), internals, response_id, len(internals))
@@ -202,6 +215,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
         # OpenAI's order: the n choices of the first prompt, then those of the next
         internals = [choice for internal in prompts for choice in _choices(internal, n)]
         exchange.requests.extend(prompts)
+        await ensure_model(request, body.model)
         _check_capacity(request, body.model, len(internals), "prompt" if n == 1 else "n")
         if body.echo and any(r.prompt is None for r in internals):
             raise APIError(400, "echo is supported for text prompts only.", param="echo", code="unsupported_parameter")

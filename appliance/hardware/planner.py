@@ -33,6 +33,7 @@ DEFAULT_CTX = 4096
 DEFAULT_BATCH = 512
 MIN_CTX = 512  # below this a chat does not fit; the plan warns instead
 KEEP_CTX = 2048  # a full offload may shrink the context to this before layers leave the GPU
+NOT_ENOUGH_MEMORY = "not enough memory"  # how a refused on-demand plan's error begins (a 503 of its own code)
 RAM_HEADROOM = 512 * MIB  # the OS, the server itself, the page cache of the model file's header
 ALIGN = 256  # reduced contexts are multiples of this
 
@@ -586,3 +587,39 @@ def plan_models(hw: HardwareFacts, requests: Sequence[ModelRequest]) -> list[Mod
     ram = hw.cpu.ram_available if hw.cpu.ram_available is not None else hw.cpu.ram_total
     budget = _Budget(ram=ram, gpu=free)
     return [plan_model(request, hw, budget) for request in requests]
+
+
+def plan_addition(
+    hw: HardwareFacts, loaded: Sequence[ModelPlan], request: ModelRequest, ram_now: int | None = None
+) -> ModelPlan:
+    """The plan of one more model beside the loaded ones; it must fit, or its ``error`` says why not.
+
+    At start-up a plan that overcommits RAM is only a warning (the user named the model); a model
+    loaded on demand, by a request, must never risk an out-of-memory kill of the whole server. The
+    budget is what the start-up probe found free less what the loaded models' plans booked, or the
+    RAM free now (``ram_now``) where another process took some since, whichever is less.
+    """
+    gpu = {g.name: g.free for caps in hw.engines for gs in _usable_gpus(caps, hw.gpus).values() for g in gs}
+    ram = hw.cpu.ram_available if hw.cpu.ram_available is not None else hw.cpu.ram_total
+    for other in loaded:
+        for use in other.memory:
+            if use.pool == "RAM" and ram is not None:
+                ram -= use.total
+            elif use.pool in gpu:
+                gpu[use.pool] -= use.total
+    if ram_now is not None:
+        ram = ram_now if ram is None else min(ram, ram_now)
+    plan = plan_model(request, hw, _Budget(ram=ram, gpu=gpu))
+    host = next((use for use in plan.memory if use.pool == "RAM"), None)
+    if plan.error or host is None or host.available is None or plan.device.value == "metal":
+        return plan
+    room = host.available - RAM_HEADROOM
+    if host.total <= room:
+        return plan
+    beside = ", ".join(p.model for p in loaded) or "no other model"
+    error = (
+        f"{NOT_ENOUGH_MEMORY} to load '{request.model_id}': it needs {size(host.total)} of RAM and "
+        f"{size(max(0, room))} is free beside what is loaded ({beside}); unload a model "
+        "(POST /v1/appliance/models/ID/unload, or `appliance unload ID`), or set a smaller ctx_size or parallel"
+    )
+    return plan.model_copy(update={"error": error})

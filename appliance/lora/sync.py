@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.generation import UnknownModelError
+from appliance.generation import ModelUnavailableError, UnknownModelError
 from appliance.lora.store import AdapterRecord, AdapterStore, AdapterStoreError
 from appliance.scheduler import Scheduler
 from engines.base import AdapterLoadError
@@ -76,7 +76,7 @@ class AdapterSync:
     def _state(self, record: AdapterRecord) -> AdapterState:
         try:
             loaded = self._scheduler.resolve(record.base).adapters().get(record.name)
-        except UnknownModelError:  # its base model is not served here
+        except (UnknownModelError, ModelUnavailableError):  # its base model is not loaded here
             loaded = None
         return AdapterState(record, loaded is not None, loaded[2] if loaded else 0, self._errors.get(record.name))
 
@@ -92,7 +92,10 @@ class AdapterSync:
                 return []
             gone: list[threading.Event] = []
             for model_id in self._scheduler.model_ids:
-                runner = self._scheduler.resolve(model_id)
+                try:
+                    runner = self._scheduler.resolve(model_id)
+                except (UnknownModelError, ModelUnavailableError):  # unloaded meanwhile
+                    continue
                 wanted = {r.name: r for r in records if r.base == model_id}
                 for name, (sha256, _, _) in runner.adapters().items():
                     if name not in wanted or wanted[name].sha256 != sha256:
