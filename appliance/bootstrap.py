@@ -30,6 +30,7 @@ from appliance.hardware.planner import (
     plan_models,
 )
 from appliance.hardware.report import HardwareReport, build_report, hardware_summary
+from appliance.memory import limit_malloc_arenas
 from appliance.modelstore import ModelFileError
 from appliance.registry import ModelSpec, Registry, RegistryError, load_registry
 from engines import formats
@@ -495,6 +496,7 @@ def serve(settings: Settings, paths: Paths, sources: Mapping[str, str] | None = 
     setting came from) only changes how the plan lines name an override.
     """
     check_exposure(settings)
+    limit_malloc_arenas()  # before the threads: an unloaded model's memory goes back (appliance.memory)
     sockets = [tcp_socket(settings.host, settings.port)]
     unix: UnixListener | None = None
     scheduler: Scheduler | None = None

@@ -66,7 +66,7 @@ def parse_duration(value: str | float | None) -> float | None:
 
 
 class Settings(BaseModel):
-    """Server settings. Field descriptions are the reference documentation (see README)."""
+    """Server settings. Field descriptions are the reference documentation (see docs/configuration.md)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -257,7 +257,7 @@ NON_SETTING_ENV = frozenset(
 SERVER_TABLE = "server"
 _LIST_FIELDS = ("models", "allowed_hosts", "allowed_origins")  # comma-separated in the environment
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-_README_HINT = "the settings are listed under Configuration in the README"
+_README_HINT = "the settings are listed in docs/configuration.md"
 _SECRETS = ("api_key",)  # never repeated in a message: it may end up in a shared log or screenshot
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import gc
 import logging
 import sys
 import threading
@@ -30,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from appliance.generation import ModelUnavailableError
+from appliance.memory import return_freed_memory
 from appliance.scheduler import Scheduler
 
 if TYPE_CHECKING:
@@ -319,20 +318,6 @@ def short_gil_turns(seconds: float = 0.0005) -> Iterator[None]:
         yield
     finally:
         sys.setswitchinterval(old)
-
-
-def return_freed_memory() -> None:
-    """Hand what an unloaded model freed back to the OS, so memory returns to where it was before the load.
-
-    The model's own buffers are freed by its engine, but glibc keeps freed heap pages for reuse
-    (its mmap threshold grows with each large block freed), and the model's Python objects may sit
-    in reference cycles: collect them, then ask glibc to trim. Elsewhere (musl, macOS, Windows)
-    there is nothing to call and the allocator's own policy stands.
-    """
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _keep_alive_text(seconds: float | None) -> str:

@@ -79,7 +79,7 @@ def _refuse_unknown(body: EmbeddingRequest) -> None:
     for name in body.model_extra or {}:
         raise APIError(
             400,
-            f"Unrecognized request argument supplied: {name}. The README lists every parameter this server takes.",
+            f"Unrecognized request argument supplied: {name}. docs/api.md lists every parameter this server takes.",
             param=name,
             code="unknown_parameter",
         )

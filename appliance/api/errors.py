@@ -128,7 +128,7 @@ def install_error_handlers(app: FastAPI, on_invalid: Callable[[Request, Any, int
             str(exc.detail)
             if exc.status_code not in (404, 405)
             else {
-                404: "Unknown URL. See the README for the endpoints this server offers.",
+                404: "Unknown URL. See docs/api.md for the endpoints this server offers.",
                 405: "Method not allowed for this URL.",
             }[exc.status_code]
         )
@@ -151,7 +151,7 @@ def unknown_parameter(param: str) -> APIError:
     """A field this server does not know: refused, never silently ignored."""
     return APIError(
         400,
-        f"Unrecognized request argument supplied: {param}. The README lists every parameter this server takes.",
+        f"Unrecognized request argument supplied: {param}. docs/api.md lists every parameter this server takes.",
         param=param,
         code="unknown_parameter",
     )

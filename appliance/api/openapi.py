@@ -188,7 +188,7 @@ COMPONENT_RESPONSES: dict[str, JsonObject] = {
                 param="model",
                 code="model_not_found",
             ),
-            "not_found": _error("Unknown URL. See the README for the endpoints this server offers.", code="not_found"),
+            "not_found": _error("Unknown URL. See docs/api.md for the endpoints this server offers.", code="not_found"),
         },
     ),
     "MethodNotAllowed": _error_response(

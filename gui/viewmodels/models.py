@@ -72,7 +72,11 @@ class Snapshot:
 def build_rows(snapshot: Snapshot) -> list[ModelRow]:
     """One row per model: the registry's order, then any loaded model the registry did not list."""
     rows: dict[str, ModelRow] = {}
-    served_ids = [card["id"] for card in snapshot.served if not card.get("parent")]
+    # /v1/models lists every chat model a request may name; ``state`` says which are loaded (a server
+    # older than on-demand loading lists only loaded ones, without a state)
+    served_ids = [
+        card["id"] for card in snapshot.served if not card.get("parent") and card.get("state", "loaded") == "loaded"
+    ]
     for entry in snapshot.registered or ():
         rows[entry["id"]] = ModelRow(
             id=entry["id"],

@@ -50,9 +50,11 @@ class FakeClient:
     def __init__(self) -> None:
         self.registry = [registered(MODEL, loaded=True, default=True), registered("qwen-tiny", loaded=False)]
         self.registry[1].update(source="/home/u/.local/share/appliance/models.toml", quantization="Q8_0")
+        # /v1/models: every chat model a request may name, with its state (not loaded ones load on demand)
         self.served = [
-            {"id": MODEL, "object": "model", "created": 1, "owned_by": "appliance", "parent": None},
-            {"id": f"{MODEL}:pirate", "object": "model", "created": 2, "owned_by": "appliance", "parent": MODEL},
+            {"id": MODEL, "object": "model", "created": 1, "owned_by": "appliance", "parent": None, "state": "loaded"},
+            {"id": "qwen-tiny", "object": "model", "created": 1, "owned_by": "appliance", "state": "not_loaded"},
+            {"id": f"{MODEL}:pirate", "object": "model", "created": 2, "parent": MODEL, "state": "loaded"},
         ]
         self.report: dict[str, Any] | None = copy.deepcopy(REPORT)
         self.has_registry_route = True
