@@ -161,9 +161,9 @@ class Residency:
         A name the scheduler routes already costs nothing here; a name that is no registered chat
         model is left for the scheduler to refuse (404) with its usual message.
         """
-        if self._scheduler.routes(name):
+        if self._scheduler.routes(name) or not self._scheduler.accepting:  # shutting down: never start a load
             return
-        model_id = self.model_id(name)
+        model_id = await asyncio.to_thread(self.model_id, name)  # it reads models.toml
         if model_id is not None:
             await self.load(model_id)
 

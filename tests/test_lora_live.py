@@ -58,7 +58,7 @@ def test_adapters_on_a_running_server(
     url = server.base_url
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
     models = {m.id: m for m in client.models.list().data}
-    assert models[PIRATE].model_extra == {"parent": DEFAULT_MODEL}
+    assert models[PIRATE].model_extra == {"parent": DEFAULT_MODEL, "state": "loaded"}
     base = ask(client, DEFAULT_MODEL)
     by_id = ask(client, PIRATE)
     assert by_id != base

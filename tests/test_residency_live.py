@@ -80,7 +80,8 @@ def test_a_second_model_loads_on_demand_and_unloads_while_the_first_streams(
     assert [c for c in finish if c.choices][-1].choices[0].finish_reason == "length"
     during = [b - a for a, b in itertools.pairwise(stamps) if started <= b <= started + loaded_in]
     assert during, "the stream sent nothing while the second model loaded"
-    assert max(during) < max(1.0, loaded_in / 2), (max(during), loaded_in)  # never held for the load
+    # never held for the load (which runs at low priority); BENCHMARKS has the figure: max 21 ms against 12 ms
+    assert max(during) < 0.5, (max(during), loaded_in)
     assert states(url) == {DEFAULT_MODEL: "loaded", GEMMA: "loaded"}
     state = httpx.get(f"{url}/v1/appliance/models/{GEMMA}/state").json()
     assert state["keep_alive_seconds"] == 300 and state["device"] == "cpu" and state["memory_bytes"] > 100e6
