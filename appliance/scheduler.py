@@ -151,6 +151,10 @@ class _Sequence:
     first_token_at: float | None = None  # prefill done: the first token is being sampled
     matcher: Any = None  # the constraint's parser state (llguidance), if the request has one
     leader: _Sequence | None = None  # a choice waiting for its leader's prompt KV
+    # another request's sequence computing the same leading prompt tokens: this one waits for them
+    # and takes a copy of their KV instead of computing them again (``source_n`` tokens)
+    source: _Sequence | None = None
+    source_n: int = 0
     followers: list[_Sequence] = field(default_factory=list)
     logprobs: list[TokenInfo] = field(default_factory=list)  # of tokens whose text is not yet sent
 
@@ -160,7 +164,7 @@ class _Sequence:
 
     @property
     def computes_prompt(self) -> bool:
-        return self.prefilling and self.leader is None
+        return self.prefilling and self.leader is None and self.source is None
 
 
 @dataclass
@@ -525,6 +529,7 @@ class ModelRunner:
             job = self._waiting.popleft()
             slot, n_cached = self._pick_slot(job.tokens, job.adapters)
             seq = self._place(job, slot, n_cached)
+            self._find_source(seq)
             admitted.append(seq)
             for follower in job.followers:
                 other = self._place(follower, min(self._free, key=lambda s: (bool(s.cached), s.last_used)), 0)
@@ -544,6 +549,40 @@ class ModelRunner:
             seq.ngrams = NgramIndex(job.tokens)
         self._active[slot.index] = seq
         return seq
+
+    def _find_source(self, seq: _Sequence) -> None:
+        """Another running request whose prompt starts as this one's: take its KV once computed.
+
+        Requests arriving together with one long system prompt would otherwise each compute it in
+        their own slot. The rows taken are those the prefix cache would reuse (``reusable_prefix``):
+        computed in chunks on the same kernel path, so the answer is bit-identical to a fresh one.
+        """
+        if not self.config.prefix_cache:
+            return
+        exact = self.model.facts.exact_chunk
+        best, best_n = None, seq.n_cached
+        for other in self._active.values():
+            if other is seq or other.leader is not None or other.job.adapters != seq.job.adapters:
+                continue
+            n = reusable_prefix(other.job.tokens, seq.job.tokens, exact)
+            if n > best_n:
+                best, best_n = other, n
+        if best is not None and best_n - seq.n_cached >= exact:  # worth waiting for
+            seq.source, seq.source_n = best, best_n
+
+    def _take_shared_prefixes(self) -> None:
+        """Give each waiting sequence its source's prompt KV once computed (a copy of the slot, cut)."""
+        for seq in list(self._active.values()):
+            source = seq.source
+            if source is None:
+                continue
+            if self._active.get(source.slot.index) is not source:  # it ended first: compute the prompt
+                seq.source = None
+            elif source.source is None and source.n_prompt_done >= seq.source_n:
+                self.model.copy_slot(source.slot.index, seq.slot.index)
+                self.model.truncate_slot(seq.slot.index, seq.source_n)
+                seq.n_prompt_done = seq.n_past = seq.n_cached = seq.source_n  # counted as cached
+                seq.source = None
 
     def _pick_slot(self, tokens: list[int], adapters: AdapterKey) -> tuple[_Slot, int]:
         """The free slot whose cache serves this prompt best, and how many tokens it saves.
@@ -622,6 +661,7 @@ class ModelRunner:
                     generated += self._accept(seq, indices, draft, masks.get(seq.slot.index))
             share = max(2 * exact, self.config.n_batch // PREFILL_SHARE_WHILE_DECODING)
             budget = min(self.config.n_batch, share)
+        self._take_shared_prefixes()
         prefilling = [s for s in self._active.values() if s.computes_prompt]
         for seq in [s for group in self._by_adapters(prefilling) for s in group]:
             start = seq.n_prompt_done

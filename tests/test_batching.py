@@ -177,3 +177,26 @@ def test_prompt_lookup_drafting_keeps_greedy_answer(tmp_path: Path) -> None:
     finally:
         spec.stop()
         plain.stop()
+
+
+def test_requests_arriving_together_compute_a_shared_system_prompt_once(tmp_path: Path) -> None:
+    """Four requests with one system prompt, sent at once to four empty slots: one computes the shared
+    rows, the others wait for them and take a copy; every answer equals the one computed from scratch."""
+    shared, fresh = start(tmp_path, parallel=4), start(tmp_path, parallel=4, prefix_cache=False)
+    questions = ["How much is item 3?", "Where is item 12?", "Is item 7 in stock?", "What does item 20 cost?"]
+    try:
+
+        async def scenario() -> None:
+            reference = [await answer(fresh, chat(q, system=SYSTEM)) for q in questions]
+            together = await asyncio.gather(*(answer(shared, chat(q, system=SYSTEM)) for q in questions))
+            assert [text for text, _ in together] == [text for text, _ in reference]
+            cached = sorted(f.cached_tokens for _, f in together)
+            prompt = together[0][1].prompt_tokens
+            assert cached[0] == 0 and all(c > 0.6 * prompt for c in cached[1:]), (cached, prompt)
+            stats = shared.stats()[0]
+            assert stats.cache_hits_total == 3
+
+        asyncio.run(scenario())
+    finally:
+        shared.stop()
+        fresh.stop()

@@ -91,3 +91,62 @@ def test_bad_requests_get_openai_errors(client: Any) -> None:
     with pytest.raises(openai.BadRequestError):
         chat(client, "x" * 5000)  # longer than the 2048-token context
     assert chat(client).choices[0].message.content == ANSWER  # and the server goes on
+
+
+def test_a_prompt_shared_by_requests_arriving_together_is_computed_once(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Eight requests with one long system prompt, admitted at once to eight empty slots: the shared rows
+    are computed by one of them and copied to the others, who compute only their own question."""
+    import asyncio
+
+    from appliance.generation import GenerationRequest
+    from appliance.scheduler import ModelRunner, RunnerConfig, Scheduler
+    from engines.base import ChatMessage
+
+    class Counting(FakeEngine):
+        computed = 0
+
+        def load(self, path: Any, options: LoadOptions) -> Any:
+            model = super().load(path, options)
+            decode = model.decode
+
+            def counted(items: Any, adapters: Any = ()) -> Any:
+                Counting.computed += sum(len(item.tokens) for item in items)  # prompt chunks and decode tokens
+                return decode(items, adapters)
+
+            model.decode = counted  # type: ignore[method-assign]
+            return model
+
+    system = "You answer questions about the shop. " * 20  # 740 bytes, one token each
+    path = write_model(tmp_path_factory.mktemp("fake") / "fake.json", ANSWER)
+
+    def run(prefix_cache: bool) -> tuple[list[str], list[int], int]:
+        Counting.computed = 0
+        model = Counting().load(path, LoadOptions(n_ctx_per_slot=2048, n_slots=8))
+        scheduler = Scheduler()
+        scheduler.add(ModelRunner("fake", model, RunnerConfig(n_batch=256, prefix_cache=prefix_cache)))
+
+        async def together() -> list[tuple[str, Any]]:
+            requests = [
+                GenerationRequest(
+                    "fake", {"temperature": 0.0}, messages=(ChatMessage("system", system), ChatMessage("user", f"q{i}"))
+                )
+                for i in range(8)
+            ]
+            gens = [await scheduler.submit(r) for r in requests]
+            return [await g.collect() for g in gens]
+
+        try:
+            results = asyncio.run(together())
+        finally:
+            scheduler.stop()
+        return [t for t, _ in results], [f.cached_tokens for _, f in results], Counting.computed
+
+    texts, cached, computed = run(prefix_cache=True)
+    fresh_texts, fresh_cached, fresh_computed = run(prefix_cache=False)
+    assert texts == fresh_texts == [ANSWER] * 8
+    assert fresh_cached == [0] * 8
+    assert sorted(cached)[0] == 0 and all(c > len(system) for c in sorted(cached)[1:]), cached
+    # one prompt computed instead of eight (the answers' own tokens are the same in both runs)
+    assert computed < fresh_computed / 3, (computed, fresh_computed)

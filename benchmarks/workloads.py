@@ -1,0 +1,121 @@
+"""The traffic internal apps send, against llama.cpp's own llama-server, in one run (issue 19).
+
+    python benchmarks/workloads.py                        # every workload, 3 rounds
+    python benchmarks/workloads.py --workloads shared-prompt --rounds 5
+
+Both servers get the same model file, threads (2), slots (8), per-slot context and batch size, and are
+up at once; in each round they take turns at each workload, so drift of a shared machine hits them
+alike. The median round per server counts, and the ratio ours / llama-server is printed.
+
+Workloads:
+- ``shared-prompt``: 32 requests, 16 at a time, all with one system prompt of about 900 tokens (new in
+  every run, so no cache from an earlier run helps) and a question of their own, 64 tokens each,
+  temperature 0. Requests per second and time to first token p95.
+
+llama-server is built as ``vs_llama_server.py`` builds it (from the llama.cpp vendored in the installed
+llama-cpp-python's sdist; once, into ``--cache-dir``), or give ``--llama-server PATH``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from openai import OpenAI
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from concurrent_streams import one_stream
+from vs_llama_server import (
+    MODEL_ID,
+    SYSTEM_RULES,
+    build_llama_server,
+    default_model_file,
+    free_port,
+    running,
+    server_commands,
+)
+
+
+def shared_prompt(client: OpenAI, requests: int = 32, concurrency: int = 16, tokens: int = 64) -> dict[str, float]:
+    rules = SYSTEM_RULES[: len(SYSTEM_RULES) * 3 // 5]  # about 900 tokens with the header
+    system = f"Session {uuid.uuid4().hex[:8]}. You are the shop assistant. {rules}"
+    questions = [f"Customer {i}: how much is item {i % 48} and when does it ship?" for i in range(requests)]
+
+    def ask(question: str) -> tuple[float, int, bool]:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        result = one_stream(client, MODEL_ID, messages, tokens)
+        return result.ttft, result.tokens, result.whole and not result.error
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(ask, questions))
+    elapsed = time.perf_counter() - start
+    ttfts = sorted(t for t, _, _ in results)
+    return {
+        "req/s": requests / elapsed,
+        "ttft_p50": statistics.median(ttfts),
+        "ttft_p95": ttfts[int(0.95 * (len(ttfts) - 1))],
+        "errors": sum(1 for _, _, ok in results if not ok),
+    }
+
+
+WORKLOADS = {"shared-prompt": shared_prompt}
+HIGHER_IS_BETTER = {"req/s"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parallel", type=int, default=8)
+    parser.add_argument("--ctx-size", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--llama-server", type=Path)
+    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "appliance-bench")
+    parser.add_argument("--ours-args", nargs="*", default=[])
+    parser.add_argument("--llama-server-args", nargs="*", default=[])
+    args = parser.parse_args()
+    args.llama_server = args.llama_server or build_llama_server(args.cache_dir)
+    model = default_model_file()
+    servers = ("ours", "llama-server")
+    ports = {name: free_port() for name in servers}
+    commands = {name: server_commands(args, model, ports[name])[name] for name in servers}
+    results: dict[tuple[str, str], list[dict[str, float]]] = {}
+    ours_cmd, ours_env = commands["ours"]
+    llama_cmd, llama_env = commands["llama-server"]
+    with (
+        running("ours", ours_cmd, ports["ours"], ours_env) as ours_url,
+        running("llama-server", llama_cmd, ports["llama-server"], llama_env) as llama_url,
+    ):
+        clients = {
+            "ours": OpenAI(base_url=ours_url, api_key="bench", max_retries=0, timeout=600),
+            "llama-server": OpenAI(base_url=llama_url, api_key="bench", max_retries=0, timeout=600),
+        }
+        for name in servers:  # warm both: the first request of a server pays one-time costs
+            one_stream(clients[name], MODEL_ID, [{"role": "user", "content": "Hello"}], 8)
+        for round_ in range(args.rounds):
+            order = servers if round_ % 2 == 0 else servers[::-1]
+            for workload in args.workloads:
+                for name in order:
+                    figures = WORKLOADS[workload](clients[name])
+                    results.setdefault((workload, name), []).append(figures)
+                    shown = ", ".join(f"{k} {v:.3f}" for k, v in figures.items())
+                    print(f"round {round_ + 1} {workload:<14} {name:<12} {shown}", flush=True)
+    print("\nmedian round per server, and ours / llama-server:")
+    for workload in args.workloads:
+        ours = results[(workload, "ours")]
+        theirs = results[(workload, "llama-server")]
+        for key in ours[0]:
+            a, b = statistics.median(r[key] for r in ours), statistics.median(r[key] for r in theirs)
+            ratio = f"{a / b:.2f}x" if b else "-"
+            print(f"{workload:<14} {key:<9} ours {a:8.3f}  llama-server {b:8.3f}  ratio {ratio}")
+
+
+if __name__ == "__main__":
+    main()
