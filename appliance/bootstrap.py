@@ -116,7 +116,8 @@ def load_runner(
         queue_timeout=settings.queue_timeout,
         prefix_cache=settings.prefix_cache,
         exact_adapters=not settings.lora_batching,
-        speculative=(settings.speculative or spec.speculative) == "prompt-lookup",
+        speculative=(settings.speculative or spec.speculative) in ("prompt-lookup", "auto"),
+        draft_policy="adaptive" if (settings.speculative or spec.speculative) == "auto" else "always",
         draft_max=spec.draft_max,
     )
     provenance = {

@@ -114,7 +114,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--speculative",
-        choices=["off", "prompt-lookup"],
+        choices=["off", "prompt-lookup", "auto"],
         help="speculative decoding for every model (default: per model, in models.toml)",
     )
     p.add_argument(

@@ -129,7 +129,7 @@ class Settings(BaseModel):
         "(near ties) from the one it gets alone; off, each adapter request decodes on its own.",
     )
     prefix_cache: bool = Field(True, description="Reuse a finished slot's KV cache for a prompt sharing its prefix.")
-    speculative: Literal["off", "prompt-lookup"] | None = Field(
+    speculative: Literal["off", "prompt-lookup", "auto"] | None = Field(
         None, description="Speculative decoding for every model; default: each model's own setting in models.toml."
     )
     keep_alive: str | None = Field(

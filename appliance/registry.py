@@ -62,7 +62,7 @@ class ModelSpec(BaseModel):
     chat_template: str | None = None
     aliases: tuple[str, ...] = ()
     sampling: SamplingDefaults = SamplingDefaults()
-    speculative: Literal["off", "prompt-lookup"] = "off"
+    speculative: Literal["off", "prompt-lookup", "auto"] = "off"
     draft_max: int = Field(8, ge=1, le=64)
     # hardware overrides for this model alone; they win over the server-wide settings
     device: Literal["auto", "cpu", "cuda", "rocm", "metal", "vulkan"] | None = None

@@ -51,6 +51,7 @@ from engines.textstream import TextStream
 log = logging.getLogger(__name__)
 
 
+ADAPTIVE_MAX_STREAMS = 2  # adaptive drafting: beyond this many decoding sequences, none drafts
 PREFILL_SHARE_WHILE_DECODING = 4  # while streams decode, a step prefills at most n_batch / this
 RATE_WINDOW_S = 10.0
 FINISHED_KEPT = 100  # finished requests each runner remembers for ``requests()``
@@ -70,6 +71,9 @@ class RunnerConfig:
     prefix_cache: bool = True
     speculative: bool = False
     draft_max: int = 8
+    # "adaptive": a sequence drafts only while its drafts pay (see ``_draft``); "always": whenever
+    # its n-gram index has a guess
+    draft_policy: Literal["always", "adaptive"] = "always"
     # Decode each LoRA sequence in its own call. llama.cpp's CPU matmul takes llamafile's sgemm
     # for >= 2 tokens and ggml's vec_dot for one, which round the f32/f16 adapter factors
     # differently: batched, an adapter's answer can differ (near ties) from its answer alone.
@@ -147,6 +151,11 @@ class _Sequence:
     pending: int | None = None
     completion_tokens: int = 0
     ngrams: NgramIndex | None = None
+    # the adaptive drafting policy (``_draft``): how many tokens the next draft may have, how many
+    # drafts in a row were mostly rejected, and the completion length before which it drafts no more
+    draft_len: int = 2
+    draft_misses: int = 0
+    draft_resume_at: int = 0
     started: float = 0.0  # admitted to its slot
     first_token_at: float | None = None  # prefill done: the first token is being sampled
     matcher: Any = None  # the constraint's parser state (llguidance), if the request has one
@@ -651,7 +660,7 @@ class ModelRunner:
                 items, drafts = [], []
                 for seq in group:
                     assert seq.pending is not None
-                    draft = self._draft(seq, budget)
+                    draft = self._draft(seq, budget, len(decoding))
                     budget -= len(draft)
                     drafts.append(draft)
                     items.append(BatchItem(seq.slot.index, (seq.pending, *draft), seq.n_past, 1 + len(draft)))
@@ -705,12 +714,25 @@ class ModelRunner:
         masks = constraints.for_model(self.model).masks([seq.matcher for seq in constrained])
         return {seq.slot.index: mask for seq, mask in zip(constrained, masks, strict=True)}
 
-    def _draft(self, seq: _Sequence, budget: int) -> list[int]:
+    def _draft(self, seq: _Sequence, budget: int, streams: int = 1) -> list[int]:
+        """The draft tokens to verify with this sequence's next token (none: decode one as usual).
+
+        Under the adaptive policy a draft must pay for itself: verifying a draft token costs about a
+        fifth of a step here whether it is kept or not. A sequence starts with drafts of 2 tokens and
+        doubles the length (up to ``draft_max``) each time a whole draft is kept (copying, editing,
+        quoting); a draft mostly rejected (open chat: few guesses hold) stops its drafting for 4, then
+        8, ... up to 64 tokens, and the next draft is 2 tokens again. With more than
+        ``ADAPTIVE_MAX_STREAMS`` sequences decoding, the step is already full of useful tokens and no
+        sequence drafts.
+        """
         if seq.ngrams is None or budget <= 0:
+            return []
+        adaptive = self.config.draft_policy == "adaptive"
+        if adaptive and (streams > ADAPTIVE_MAX_STREAMS or seq.completion_tokens < seq.draft_resume_at):
             return []
         room = min(self.config.draft_max, budget, seq.job.max_tokens - seq.completion_tokens - 1)
         room = min(room, self.model.facts.n_ctx_per_slot - seq.n_past - 1)
-        return seq.ngrams.draft(room)
+        return seq.ngrams.draft(min(room, seq.draft_len) if adaptive else room)
 
     def _accept(self, seq: _Sequence, indices: list[int], draft: list[int], mask: Any = None) -> int:
         """Sample the outputs of one item in order, keeping drafts while the sampler agrees."""
@@ -729,6 +751,14 @@ class ModelRunner:
             with self._cond:
                 self._counters["draft_tokens"] += len(draft)
                 self._counters["draft_accepted"] += kept
+            if kept == len(draft):
+                seq.draft_misses, seq.draft_len = 0, min(self.config.draft_max, 2 * seq.draft_len)
+            elif 2 * kept >= len(draft):
+                seq.draft_misses = 0
+            else:
+                seq.draft_misses += 1
+                seq.draft_len = 2
+                seq.draft_resume_at = seq.completion_tokens + min(64, 2 ** (seq.draft_misses + 1))
         if seq.slot.index in self._active:
             seq.n_past = base + kept
             if kept < len(draft):

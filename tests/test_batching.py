@@ -182,7 +182,10 @@ def test_prompt_lookup_drafting_keeps_greedy_answer(tmp_path: Path) -> None:
 def test_requests_arriving_together_compute_a_shared_system_prompt_once(tmp_path: Path) -> None:
     """Four requests with one system prompt, sent at once to four empty slots: one computes the shared
     rows, the others wait for them and take a copy; every answer equals the one computed from scratch."""
-    shared, fresh = start(tmp_path, parallel=4), start(tmp_path, parallel=4, prefix_cache=False)
+    # without flash attention: with it, a cached prompt over 256 tokens among running requests can end
+    # differently at a near tie, shared or not (docs/batching.md, Determinism)
+    shared = start(tmp_path, parallel=4, flash_attn=False)
+    fresh = start(tmp_path, parallel=4, prefix_cache=False, flash_attn=False)
     questions = ["How much is item 3?", "Where is item 12?", "Is item 7 in stock?", "What does item 20 cost?"]
     try:
 
@@ -192,7 +195,7 @@ def test_requests_arriving_together_compute_a_shared_system_prompt_once(tmp_path
             assert [text for text, _ in together] == [text for text, _ in reference]
             cached = sorted(f.cached_tokens for _, f in together)
             prompt = together[0][1].prompt_tokens
-            assert cached[0] == 0 and all(c > 0.6 * prompt for c in cached[1:]), (cached, prompt)
+            assert cached[0] == 0 and all(c > 0.9 * prompt for c in cached[1:]), (cached, prompt)
             stats = shared.stats()[0]
             assert stats.cache_hits_total == 3
 

@@ -150,3 +150,44 @@ def test_a_prompt_shared_by_requests_arriving_together_is_computed_once(
     assert sorted(cached)[0] == 0 and all(c > len(system) for c in sorted(cached)[1:]), cached
     # one prompt computed instead of eight (the answers' own tokens are the same in both runs)
     assert computed < fresh_computed / 3, (computed, fresh_computed)
+
+
+def test_adaptive_drafting_backs_off_when_drafts_fail_and_keeps_them_when_they_hold(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """``speculative = "auto"``: drafts that keep failing stop being verified; drafts that hold go on."""
+    import asyncio
+
+    from appliance.generation import GenerationRequest
+    from appliance.scheduler import ModelRunner, RunnerConfig, Scheduler
+    from engines.base import ChatMessage
+
+    answer = "the quick brown fox jumps over a lazy dog near the river bank"
+    path = write_model(tmp_path_factory.mktemp("fake") / "fake.json", answer)
+    # every 3 letters of the answer, followed by a wrong one: each guess from the prompt fails at once
+    misleading = " ".join(answer[i : i + 3] + "#" for i in range(len(answer) - 2))
+
+    def run(policy: str, prompt: str) -> tuple[str, int, int]:
+        model = FakeEngine().load(path, LoadOptions(n_ctx_per_slot=4096, n_slots=1))
+        config = RunnerConfig(n_batch=256, speculative=True, draft_policy=policy)  # type: ignore[arg-type]
+        scheduler = Scheduler()
+        scheduler.add(ModelRunner("fake", model, config))
+        request = GenerationRequest("fake", {"temperature": 0.0}, messages=(ChatMessage("user", prompt),))
+        try:
+
+            async def go() -> str:
+                text, _ = await (await scheduler.submit(request)).collect()
+                return text
+
+            text = asyncio.run(go())
+            stats = scheduler.stats()[0]
+            return text, stats.draft_tokens_total, stats.draft_accepted_total
+        finally:
+            scheduler.stop()
+
+    text, always, _ = run("always", misleading)
+    adaptive_text, adaptive, _ = run("adaptive", misleading)
+    assert text == adaptive_text == answer
+    assert adaptive < always / 3, (adaptive, always)  # verified drafts that fail are mostly avoided
+    _, copied, kept = run("adaptive", f"Repeat after me: {answer}")
+    assert kept > 0.6 * copied and kept > len(answer) / 2  # drafts that hold: kept going

@@ -196,8 +196,15 @@ def test_the_history_may_carry_calls_and_results(client: OpenAI) -> None:
     assert answer.usage.prompt_tokens > alone.usage.prompt_tokens + 15
 
 
-def test_batched_tool_answers_equal_solo_ones(client: OpenAI) -> None:
+def test_batched_tool_answers_equal_solo_ones(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Without flash attention: with it, a prompt over 256 tokens (the tools make this one 366) served from the
+    prefix cache while other requests run can end differently at a near tie (docs/batching.md, Determinism)."""
     prompts = ["Weather in Oslo?", "Add 1 and 2.", "Order a pen.", "Weather in Lima, in c."]
+    with scheduler_and_client(tmp_path_factory.mktemp("home"), flash_attn=False) as (_, client):
+        answers_equal_solo(client, prompts)
+
+
+def answers_equal_solo(client: OpenAI, prompts: list[str]) -> None:
 
     def ask(prompt: str) -> list[tuple[str, str]]:
         message = (
