@@ -94,7 +94,8 @@ class LoadOptions:
     main_gpu: int = 0
     chat_template_override: str | None = None
     # On, as llama-server's "auto" does on CPU: it decodes batches ~25% faster here. Its CPU
-    # kernel decodes a lone sequence with >= 512 KV cells by splitting the cells across threads,
+    # kernel decodes a lone sequence whose padded KV span (cells rounded up to 256) reaches 512, i.e. more
+    # than 256 tokens, by splitting the cells across threads,
     # which rounds differently from the batched kernel: a temperature-0 answer alone can then
     # differ (near-ties only) from the same request among others. Off, they are always identical.
     flash_attn: bool = True

@@ -33,7 +33,8 @@ PROMPTS = [
     # a long prompt: while the others decode it is prefilled in chunks over several steps
     "Summarise this: " + " ".join(f"Step {i}: the robot moves the box {i} meters north." for i in range(12)),
 ]
-# With flash attention, ggml decodes a lone sequence with >= 512 KV cells on a split-KV kernel
+# With flash attention, ggml decodes a lone sequence holding more than 256 tokens (its KV span, padded to
+# 256, reaches 512) on a split-KV kernel
 # that rounds differently from the batched one (see LoadOptions.flash_attn); without it, long
 # prompts are batch-invariant too.
 LONG = "Summarise this: " + " ".join(f"Step {i}: the robot moves the box {i} meters north." for i in range(45))

@@ -65,7 +65,8 @@ def test_describes_every_setting_with_schema_facts(http: TestClient, paths: Path
     assert settings["ctx_size"]["nullable"] and settings["ctx_size"]["minimum"] == 128
     assert settings["device"]["choices"] == ["auto", "cpu", "cuda", "rocm", "metal", "vulkan"]
     assert settings["log_level"]["choices"] == ["debug", "info", "warning", "error"]  # from its pattern
-    assert settings["speculative"]["choices"] == ["off", "prompt-lookup"] and settings["speculative"]["nullable"]
+    assert settings["speculative"]["choices"] == ["off", "prompt-lookup", "auto"]
+    assert settings["speculative"]["nullable"]
     assert settings["probe_timeout"]["exclusive_minimum"] == 0 and settings["probe_timeout"]["type"] == "number"
     assert (settings["lora_dirs"]["type"], settings["lora_dirs"]["items"], settings["lora_dirs"]["format"]) == (
         "array",
