@@ -88,13 +88,21 @@ def sampling_defaults(spec: ModelSpec) -> SamplingParams:
 
 
 def load_runner(
-    spec: ModelSpec, settings: Settings, paths: Paths, plan: ModelPlan, *, background: bool = False
+    spec: ModelSpec,
+    settings: Settings,
+    paths: Paths,
+    plan: ModelPlan,
+    *,
+    background: bool = False,
+    path: Path | None = None,
 ) -> ModelRunner:
-    """Load one model as its plan says (``background``: beside models that are serving)."""
+    """Load one model as its plan says (``background``: beside models that are serving; ``path``: its
+    file, already checked against models.toml)."""
     from appliance.modelstore import verify_model_file
     from appliance.scheduler import ModelRunner, RunnerConfig
 
-    path = verify_model_file(paths, spec, check_sha256=settings.verify_sha256, progress=sys.stderr.isatty())
+    if path is None:
+        path = verify_model_file(paths, spec, check_sha256=settings.verify_sha256, progress=sys.stderr.isatty())
     options = LoadOptions(
         n_ctx_per_slot=plan.ctx_size.value,
         n_slots=plan.slots.value,
@@ -288,7 +296,7 @@ def on_demand_loader(
         try:
             spec = load_registry(paths).get(model_id)
             # first: a moved or changed file is reported as such (with how to relink it), not as a plan error
-            verify_model_file(paths, spec, check_sha256=settings.verify_sha256, progress=False)
+            path = verify_model_file(paths, spec, check_sha256=settings.verify_sha256, progress=False)
         except (RegistryError, ModelFileError) as exc:
             raise ModelUnavailableError(model_id, str(exc)) from exc
         request = model_request(spec, settings, paths, sources)
@@ -298,7 +306,7 @@ def on_demand_loader(
             raise ModelUnavailableError(model_id, f"{spec.id}: {plan.error}", code=code)
         log.info("plan: %s", plan.summary())
         try:
-            runner = load_runner(spec, settings, paths, plan, background=True)
+            runner = load_runner(spec, settings, paths, plan, background=True, path=path)
         except (RegistryError, ModelFileError, ModelLoadError) as exc:
             raise ModelUnavailableError(model_id, str(exc)) from exc
         return Resident(runner, plan, spec.aliases, keep_alive_for(spec, settings, on_demand=True))

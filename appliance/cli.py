@@ -261,7 +261,7 @@ def _unload_before_remove(args: argparse.Namespace) -> None:
             f"(appliance unload {args.model}), or remove it with --force, which unloads it"
         )
     print(f"unloading {args.model} from the running server (its running requests end first)...", file=sys.stderr)
-    ps_cli.unload(args.url, settings.host, settings.port, api_key, args.model)
+    ps_cli.change_state(args.url, settings.host, settings.port, api_key, args.model, "unload")
 
 
 def _import(paths: Paths, args: argparse.Namespace) -> int:

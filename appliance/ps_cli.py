@@ -53,21 +53,26 @@ def _no_server(http: httpx.Client, exc: Exception) -> PsError:
     return PsError(f"no server answers at {http.base_url} ({exc}); start one with `appliance serve`, or give --url")
 
 
-def residency(args: argparse.Namespace, host: str, port: int, api_key: str | None) -> int:
-    """``appliance load|unload MODEL``: what the server says of the model afterwards."""
+def change_state(url: str | None, host: str, port: int, api_key: str | None, model: str, action: str) -> Any:
+    """``POST /v1/appliance/models/{model}/{action}`` (load or unload): the model's state afterwards."""
     import httpx
 
-    with client(args.url, host, port, args.api_key or api_key, timeout=None) as http:
+    with client(url, host, port, api_key, timeout=None) as http:
         try:
-            resp = http.post(f"/v1/appliance/models/{args.model}/{args.command}")
+            resp = http.post(f"/v1/appliance/models/{model}/{action}")
         except httpx.TransportError as exc:
             raise _no_server(http, exc) from exc
     if resp.status_code == 401:
         raise PsError(f"{http.base_url} wants an API key: give --api-key or set APPLIANCE_API_KEY")
     if resp.status_code >= 400:
         message = resp.json().get("error", {}).get("message", resp.text[:300]) if resp.content else resp.reason_phrase
-        raise PsError(f"{args.command} {args.model}: {message}")
-    state = resp.json()
+        raise PsError(f"{action} {model}: {message}")
+    return resp.json()
+
+
+def residency(args: argparse.Namespace, host: str, port: int, api_key: str | None) -> int:
+    """``appliance load|unload MODEL``: what the server says of the model afterwards."""
+    state = change_state(args.url, host, port, args.api_key or api_key, args.model, args.command)
     if state["state"] == "loaded":
         took = f" in {state['load_seconds']:.1f} s" if state.get("load_seconds") is not None else ""
         stays = state.get("keep_alive_seconds")
@@ -92,18 +97,6 @@ def loaded_state(url: str | None, host: str, port: int, api_key: str | None, mod
         return None
     state: str = resp.json()["state"]
     return state
-
-
-def unload(url: str | None, host: str, port: int, api_key: str | None, model: str) -> None:
-    import httpx
-
-    with client(url, host, port, api_key, timeout=None) as http:
-        try:
-            resp = http.post(f"/v1/appliance/models/{model}/unload")
-        except httpx.TransportError as exc:
-            raise _no_server(http, exc) from exc
-    if resp.status_code != 200:
-        raise PsError(f"could not unload {model}: {resp.text[:300]}")
 
 
 def run(args: argparse.Namespace, host: str, port: int, api_key: str | None) -> int:

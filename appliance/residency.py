@@ -114,11 +114,11 @@ class Residency:
         self._expiry = threading.Thread(target=self._expire_loop, name="keep-alive", daemon=True)
 
     # ---- state ------------------------------------------------------------------------------
-    def adopt(self, resident: Resident, load_seconds: float | None = None) -> None:
+    def adopt(self, resident: Resident) -> None:
         """A model loaded at start-up, already added to the scheduler."""
         with self._lock:
             self._resident[resident.runner.model_id] = resident
-            self._history[resident.runner.model_id] = _History(time.time(), load_seconds)
+            self._history[resident.runner.model_id] = _History(time.time())
 
     def plans(self) -> list[ModelPlan]:
         with self._lock:
@@ -187,17 +187,6 @@ class Residency:
                 if kind == mine == "loading":
                     raise  # a load that failed leaves nothing to unload: only a load reports it
             if kind == mine:
-                return self.status(model_id)
-
-    def unload_blocking(self, model_id: str) -> ModelStatus:
-        """``unload`` for a thread that is not the event loop's (the keep_alive check)."""
-        while True:
-            future, kind = self._begin_unload(model_id)
-            if future is None:
-                return self.status(model_id)
-            with contextlib.suppress(ModelUnavailableError):
-                future.result()
-            if kind == "unloading":
                 return self.status(model_id)
 
     def _begin_load(self, model_id: str) -> tuple[Future[ModelStatus] | None, str]:
@@ -291,7 +280,10 @@ class Residency:
             if stats.active or stats.queued or stats.idle_seconds < resident.keep_alive:  # type: ignore[operator]
                 continue
             log.info("%s: idle %.0f s, past its keep_alive: unloading", model_id, stats.idle_seconds)
-            self.unload_blocking(model_id)
+            future, _ = self._begin_unload(model_id)  # or the load or unload that started meanwhile
+            if future is not None:
+                with contextlib.suppress(ModelUnavailableError):
+                    future.result()
             gone.append(model_id)
         return gone
 

@@ -467,15 +467,11 @@ class ModelRunner:
         with self._cond:
             self._draining = True
 
-    def wait_idle(self, timeout: float | None = None, poll: float = 0.05) -> bool:
-        """Wait until nothing is queued or running; False if ``timeout`` passed first."""
-        deadline = None if timeout is None else self._clock() + timeout
+    def wait_idle(self, poll: float = 0.05) -> None:
+        """Wait until nothing is queued or running (the decode thread does not signal it: poll)."""
         with self._cond:
             while self._waiting or self._active:
-                if deadline is not None and self._clock() >= deadline:
-                    return False
                 self._cond.wait(poll)
-        return True
 
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel everything still running and wait for the decode thread to exit."""
