@@ -116,6 +116,7 @@ def load_runner(
         chat_template_override=spec.chat_template,
         flash_attn=settings.flash_attn,
         background=background,
+        mix_adapters=settings.lora_mixing,
     )
     model = engine_class(spec.engine)().load(path, options)
     config = RunnerConfig(

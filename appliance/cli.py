@@ -30,6 +30,7 @@ FLAGS = {
     "lora_dirs": "--lora-dir",
     "prefix_cache": "--no-prefix-cache",
     "flash_attn": "--no-flash-attn",
+    "lora_mixing": "--no-lora-mixing",
     "log_requests": "--no-log",
     "verify_sha256": "--no-verify",
 }
@@ -106,11 +107,17 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "flash_attn",
         "disable flash attention (slower batches; solo and batched answers identical at any length)",
     )
+    _switch_off(
+        p,
+        "--no-lora-mixing",
+        "lora_mixing",
+        "let llama.cpp apply LoRA adapters per decode call instead of per request (one adapter set per call)",
+    )
     p.add_argument(
         "--lora-batching",
         action="store_true",
         default=None,
-        help="decode requests on the same LoRA adapter together (faster; answers may differ from solo ones)",
+        help="without LoRA mixing: decode requests on the same LoRA adapter together (answers may differ from solo)",
     )
     p.add_argument(
         "--speculative",

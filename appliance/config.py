@@ -123,10 +123,17 @@ class Settings(BaseModel):
     flash_attn: bool = Field(
         True, description="Flash attention: faster batches; off makes solo and batched answers identical at any length."
     )
+    lora_mixing: bool = Field(
+        True,
+        description="Apply each request's LoRA adapters to its own rows of a batch (CPU models), so requests on "
+        "different adapters and on the base decode together, with answers equal to their solo ones; off: "
+        "llama.cpp applies adapters per decode call, one adapter set at a time.",
+    )
     lora_batching: bool = Field(
         False,
-        description="Decode requests on the same LoRA adapter together: faster, but an answer may then differ "
-        "(near ties) from the one it gets alone; off, each adapter request decodes on its own.",
+        description="Without lora_mixing (or on a GPU): decode requests on the same LoRA adapter together: faster, "
+        "but an answer may then differ (near ties) from the one it gets alone; off, each adapter request decodes "
+        "on its own.",
     )
     prefix_cache: bool = Field(True, description="Reuse a finished slot's KV cache for a prompt sharing its prefix.")
     speculative: Literal["off", "prompt-lookup", "auto"] | None = Field(

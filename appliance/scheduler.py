@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -615,22 +615,36 @@ class ModelRunner:
             if seq.job.cancel.is_set():
                 self._finish(seq, "cancelled", seq.job.cancelled_by)
 
-    def _by_adapters(self, seqs: list[_Sequence], *, split: bool = False) -> list[list[_Sequence]]:
-        """Sequences grouped by adapter set, the set applied last first; with ``split``, each
-        sequence with adapters alone (see ``RunnerConfig.exact_adapters``).
+    def _mixed(self, seq: _Sequence) -> bool:
+        """Whether the model applies this sequence's adapters to its own rows, in any call."""
+        return self.model.facts.mixes_adapters and all(a.handle.mixable for a, _ in seq.job.adapters)
 
-        LoRA adapters apply to a whole llama.cpp context, so each set gets its own decode call,
-        and switching sets makes llama.cpp re-reserve its compute graph (~7 ms here). Starting
-        with the set the previous call left applied saves one switch per step: with base and one
-        adapter in use, a step switches once instead of twice (benchmarks/lora_mixed.py).
+    def _call_adapters(self, seq: _Sequence) -> AdapterKey:
+        """The adapters a call holding this sequence applies to the whole call."""
+        return () if self._mixed(seq) else seq.job.adapters
+
+    def _by_adapters(self, seqs: list[_Sequence], *, split: bool = False) -> list[list[_Sequence]]:
+        """Sequences grouped by the adapter set their call applies, the set applied last first;
+        with ``split``, each sequence with such adapters alone (see ``RunnerConfig.exact_adapters``).
+
+        Where the model mixes adapters (``ModelFacts.mixes_adapters``), the base and every mixable
+        adapter share one group: each item carries its own adapters. Otherwise adapters apply to
+        a whole llama.cpp context, so each set gets its own decode call, and switching sets makes
+        llama.cpp re-reserve its compute graph (~7 ms here). Starting with the set the previous
+        call left applied saves one switch per step: with base and one adapter in use, a step
+        switches once instead of twice (benchmarks/lora_mixed.py).
         """
         groups: dict[AdapterKey, list[_Sequence]] = {}
         for seq in seqs:
-            groups.setdefault(seq.job.adapters, []).append(seq)
+            groups.setdefault(self._call_adapters(seq), []).append(seq)
         calls: list[list[_Sequence]] = []
-        for group in sorted(groups.values(), key=lambda g: g[0].job.adapters != self._applied):
-            calls.extend([[seq] for seq in group] if split and group[0].job.adapters else [group])
+        for key, group in sorted(groups.items(), key=lambda kv: kv[0] != self._applied):
+            calls.extend([[seq] for seq in group] if split and key else [group])
         return calls
+
+    def _item(self, seq: _Sequence, tokens: Sequence[int], start: int, n_outputs: int) -> BatchItem:
+        own = tuple((a.handle, scale) for a, scale in seq.job.adapters) if self._mixed(seq) else ()
+        return BatchItem(seq.slot.index, tokens, start, n_outputs, own)
 
     def _decode(self, items: list[BatchItem], adapters: AdapterKey) -> list[list[int]]:
         self._applied = adapters
@@ -642,7 +656,7 @@ class ModelRunner:
         A prompt chunk gets a ``llama_decode`` call of its own: llama.cpp splits a batch into
         micro-batches with the same number of tokens per sequence, which would cut a chunk that
         shares a call with other sequences into pieces the caller does not choose. Sequences
-        with different LoRA adapters never share a call (see ``_by_adapters``).
+        whose adapters apply to a whole call never share it with others (see ``_by_adapters``).
         """
         generated = 0
         budget = self.config.n_batch
@@ -659,8 +673,8 @@ class ModelRunner:
                     draft = self._draft(seq, budget, len(decoding))
                     budget -= len(draft)
                     drafts.append(draft)
-                    items.append(BatchItem(seq.slot.index, (seq.pending, *draft), seq.n_past, 1 + len(draft)))
-                outputs = self._decode(items, group[0].job.adapters)
+                    items.append(self._item(seq, (seq.pending, *draft), seq.n_past, 1 + len(draft)))
+                outputs = self._decode(items, self._call_adapters(group[0]))
                 masks = self._masks(group)
                 for seq, indices, draft in zip(group, outputs, drafts, strict=True):
                     generated += self._accept(seq, indices, draft, masks.get(seq.slot.index))
@@ -674,9 +688,9 @@ class ModelRunner:
             if n == 0:
                 continue
             done = start + n == len(seq.job.tokens)
-            chunk = BatchItem(seq.slot.index, seq.job.tokens[start : start + n], start, 1 if done else 0)
+            chunk = self._item(seq, seq.job.tokens[start : start + n], start, 1 if done else 0)
             budget -= n
-            (indices,) = self._decode([chunk], seq.job.adapters)
+            (indices,) = self._decode([chunk], self._call_adapters(seq))
             seq.n_prompt_done += n
             seq.n_past += n
             if done:

@@ -15,6 +15,7 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from openai import OpenAI
 
@@ -58,7 +59,13 @@ class Summary:
         )
 
 
-def one_stream(client: OpenAI, model: str, messages: list[dict[str, str]], max_tokens: int) -> Result:
+def one_stream(
+    client: OpenAI,
+    model: str,
+    messages: list[dict[str, str]],
+    max_tokens: int,
+    extra_body: dict[str, Any] | None = None,
+) -> Result:
     """One streaming chat request; a stream is whole if it ended with a finish_reason and no error.
 
     Completion tokens come from the usage chunk; a server that sends none (llama-cpp-python's)
@@ -74,6 +81,7 @@ def one_stream(client: OpenAI, model: str, messages: list[dict[str, str]], max_t
             temperature=0,
             stream=True,
             stream_options={"include_usage": True},
+            extra_body=extra_body,
         )
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:

@@ -105,7 +105,8 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "appliance", "serve", "--port", str(port), "--threads", str(args.threads),
-           "--parallel", "8", "--ctx-size", "1024", "--no-log", "--log-level", "warning", *args.serve_arg]  # fmt: skip
+           "--parallel", "8", "--ctx-size", "1024", "--no-log", "--log-level", "warning", "--lora-dir", str(work),
+           *args.serve_arg]  # fmt: skip
     env = {**os.environ, "APPLIANCE_HOME": str(work / "home")}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:

@@ -11,6 +11,11 @@ Workloads:
 - ``shared-prompt``: 32 requests, 16 at a time, all with one system prompt of about 900 tokens (new in
   every run, so no cache from an earlier run helps) and a question of their own, 64 tokens each,
   temperature 0. Requests per second and time to first token p95.
+- ``mixed-lora``: 16 requests, 8 at a time: half on the base model, a quarter on each of two LoRA
+  adapters (random rank-8 on attn_q and attn_v, as ``lora_mixed.py`` writes them), 64 tokens each.
+  Tokens per second and time to first token p95. llama-server loads both adapters at start with
+  ``--lora-init-without-apply`` and gets each request's choice in its ``lora`` field; ours gets
+  them over ``POST /v1/appliance/loras`` and each request names ``MODEL:adapter``.
 
 llama-server is built as ``vs_llama_server.py`` builds it (from the llama.cpp vendored in the installed
 llama-cpp-python's sdist; once, into ``--cache-dir``), or give ``--llama-server PATH``.
@@ -21,15 +26,18 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 from openai import OpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from concurrent_streams import one_stream
+from lora_mixed import PROMPTS as LORA_PROMPTS
 from vs_llama_server import (
     MODEL_ID,
     SYSTEM_RULES,
@@ -41,7 +49,9 @@ from vs_llama_server import (
 )
 
 
-def shared_prompt(client: OpenAI, requests: int = 32, concurrency: int = 16, tokens: int = 64) -> dict[str, float]:
+def shared_prompt(
+    client: OpenAI, server: str, requests: int = 32, concurrency: int = 16, tokens: int = 64
+) -> dict[str, float]:
     rules = SYSTEM_RULES[: len(SYSTEM_RULES) * 3 // 5]  # about 900 tokens with the header
     system = f"Session {uuid.uuid4().hex[:8]}. You are the shop assistant. {rules}"
     questions = [f"Customer {i}: how much is item {i % 48} and when does it ship?" for i in range(requests)]
@@ -64,8 +74,57 @@ def shared_prompt(client: OpenAI, requests: int = 32, concurrency: int = 16, tok
     }
 
 
-WORKLOADS = {"shared-prompt": shared_prompt}
-HIGHER_IS_BETTER = {"req/s"}
+LORA_NAMES = ("a", "b")
+
+
+def mixed_lora(
+    client: OpenAI, server: str, requests: int = 16, concurrency: int = 8, tokens: int = 64
+) -> dict[str, float]:
+    choices = [None, LORA_NAMES[0], None, LORA_NAMES[1]]  # half base, a quarter on each adapter
+
+    def ask(i: int) -> tuple[float, int, bool]:
+        adapter = choices[i % len(choices)]
+        messages = [{"role": "user", "content": LORA_PROMPTS[i % len(LORA_PROMPTS)]}]
+        if server == "ours":
+            model, extra = (f"{MODEL_ID}:{adapter}" if adapter else MODEL_ID), None
+        else:
+            model = MODEL_ID
+            extra = {"lora": [{"id": k, "scale": 1.0 if name == adapter else 0.0} for k, name in enumerate(LORA_NAMES)]}
+        result = one_stream(client, model, messages, tokens, extra)
+        return result.ttft, result.tokens, result.whole and not result.error
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(ask, range(requests)))
+    elapsed = time.perf_counter() - start
+    ttfts = sorted(t for t, _, _ in results)
+    return {
+        "tok/s": sum(n for _, n, _ in results) / elapsed,
+        "ttft_p50": statistics.median(ttfts),
+        "ttft_p95": ttfts[int(0.95 * (len(ttfts) - 1))],
+        "errors": sum(1 for _, _, ok in results if not ok),
+    }
+
+
+def write_adapters(directory: Path) -> list[Path]:
+    """The two adapters of ``mixed-lora``, for both servers."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.loras import targets, write_lora
+
+    return [
+        write_lora(
+            directory / f"{name}.gguf",
+            default_model_file(),
+            seed=k + 1,
+            rank=8,
+            tensors=targets(30, ("attn_q", "attn_v")),
+        )
+        for k, name in enumerate(LORA_NAMES)
+    ]
+
+
+WORKLOADS = {"shared-prompt": shared_prompt, "mixed-lora": mixed_lora}
+HIGHER_IS_BETTER = {"req/s", "tok/s"}
 
 
 def main() -> None:
@@ -83,6 +142,12 @@ def main() -> None:
     args = parser.parse_args()
     args.llama_server = args.llama_server or build_llama_server(args.cache_dir)
     model = default_model_file()
+    adapters = write_adapters(Path(tempfile.mkdtemp(prefix="bench-lora-"))) if "mixed-lora" in args.workloads else []
+    for path in adapters:
+        args.llama_server_args += ["--lora", str(path)]
+    if adapters:
+        args.llama_server_args.append("--lora-init-without-apply")
+        args.ours_args += ["--lora-dir", str(adapters[0].parent)]  # POST by path: only from a named folder
     servers = ("ours", "llama-server")
     ports = {name: free_port() for name in servers}
     commands = {name: server_commands(args, model, ports[name])[name] for name in servers}
@@ -97,13 +162,17 @@ def main() -> None:
             "ours": OpenAI(base_url=ours_url, api_key="bench", max_retries=0, timeout=600),
             "llama-server": OpenAI(base_url=llama_url, api_key="bench", max_retries=0, timeout=600),
         }
+        for path, name in zip(adapters, LORA_NAMES, strict=True):
+            made = httpx.post(f"{ours_url.removesuffix('/v1')}/v1/appliance/loras",
+                              json={"path": str(path), "base": MODEL_ID, "name": name}, timeout=60)  # fmt: skip
+            made.raise_for_status()
         for name in servers:  # warm both: the first request of a server pays one-time costs
             one_stream(clients[name], MODEL_ID, [{"role": "user", "content": "Hello"}], 8)
         for round_ in range(args.rounds):
             order = servers if round_ % 2 == 0 else servers[::-1]
             for workload in args.workloads:
                 for name in order:
-                    figures = WORKLOADS[workload](clients[name])
+                    figures = WORKLOADS[workload](clients[name], name)
                     results.setdefault((workload, name), []).append(figures)
                     shown = ", ".join(f"{k} {v:.3f}" for k, v in figures.items())
                     print(f"round {round_ + 1} {workload:<14} {name:<12} {shown}", flush=True)

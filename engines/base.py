@@ -105,6 +105,9 @@ class LoadOptions:
     # Loaded while other models serve (on demand): the engine keeps its long load work at a low
     # CPU priority where it can, so their streams keep their pace on a machine with few cores.
     background: bool = False
+    # Apply LoRA adapters row by row inside one batch, so requests on different adapters and on
+    # the base decode together (engines/ggufmixer.py; CPU models). Off: per decode call.
+    mix_adapters: bool = True
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,9 @@ class ModelFacts:
     quantization: str | None = None  # e.g. "Q4_1", from the file's metadata
     backend: str = "cpu"  # where the weights run: "cpu", or the GPU devices, e.g. "CUDA0"
     n_gpu_layers: int = 0
+    # Items of one ``decode`` may carry different adapters (``BatchItem.adapters``), applied to
+    # their own rows only; answers are the same alone and batched.
+    mixes_adapters: bool = False
 
 
 @dataclass(frozen=True)
@@ -218,6 +224,8 @@ class BatchItem:
     tokens: Sequence[int]
     start_pos: int
     n_outputs: int
+    # This item's own adapters (models with ``ModelFacts.mixes_adapters`` and mixable adapters)
+    adapters: AdapterSet = ()
 
 
 class Sampler(Protocol):
@@ -241,6 +249,11 @@ class LoadedAdapter(Protocol):
 
     @property
     def name(self) -> str: ...
+
+    @property
+    def mixable(self) -> bool:
+        """Whether it can go in ``BatchItem.adapters`` (else only in a whole call's ``adapters``)."""
+        ...
 
     def close(self) -> None:
         """Free it; the caller guarantees no decode uses it any more."""
@@ -286,7 +299,8 @@ class LoadedModel(Protocol):
     def new_sampler(self, params: SamplingParams) -> Sampler: ...
 
     def decode(self, items: Sequence[BatchItem], adapters: AdapterSet = ()) -> list[list[int]]:
-        """Evaluate one batch with these adapters applied to every item of it.
+        """Evaluate one batch with these adapters applied to every item of it (and each item's
+        own ``adapters`` to its rows; then ``adapters`` must be empty).
 
         Returns, per item, the output indices of the logits it asked for.
         """

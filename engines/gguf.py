@@ -33,6 +33,7 @@ from engines.base import (
     SamplingParams,
 )
 from engines.cpu_backends import BUILT_IN, BackendSelection, CpuBackendError, load_backends
+from engines.ggufmixer import AdapterFactors, AdapterMixer, LayoutError
 from engines.ggufsampler import GgufSampler
 from engines.vocabdelegate import VocabularyMethods
 
@@ -263,14 +264,19 @@ def _quantization(file_type: str | None) -> str | None:
 class GgufAdapter:
     """A LoRA adapter llama.cpp loaded for one model; its tensors live beside the shared weights."""
 
-    def __init__(self, model: GgufModel, name: str, pointer: Any) -> None:
+    def __init__(self, model: GgufModel, name: str, pointer: Any, factors: AdapterFactors | None = None) -> None:
         self._model = model
         self._name = name
-        self.pointer: Any = pointer
+        self.pointer: Any = pointer  # llama.cpp's adapter, or None where the mixer applies it
+        self.factors = factors
 
     @property
     def name(self) -> str:
         return self._name
+
+    @property
+    def mixable(self) -> bool:
+        return self.factors is not None
 
     def close(self) -> None:
         self._model._free_adapter(self)
@@ -279,10 +285,12 @@ class GgufAdapter:
 class GgufModel(VocabularyMethods):
     """A loaded GGUF model with one llama.cpp context of ``n_slots`` sequences.
 
-    LoRA adapters apply to the whole context, so each ``decode`` call sets the adapter set of the
-    items it holds (llama.cpp does nothing when the set is unchanged) and the scheduler groups
-    sequences by adapter set. One lock orders decoding against loading and freeing adapters,
-    which the API does from other threads.
+    LoRA adapters: on a CPU model, the ``AdapterMixer`` applies each item's own adapters to its
+    rows, so one call serves the base and any adapters. Otherwise (GPU layers, or an adapter of
+    the token embeddings) llama.cpp applies them to the whole context: each ``decode`` call sets
+    the adapter set of the items it holds (llama.cpp does nothing when the set is unchanged) and
+    the scheduler groups sequences by adapter set. One lock orders decoding against loading and
+    freeing adapters, which the API does from other threads.
     """
 
     def __init__(self, path: Path, options: LoadOptions) -> None:
@@ -317,6 +325,9 @@ class GgufModel(VocabularyMethods):
         cparams.flash_attn_type = 1 if options.flash_attn else 0  # LLAMA_FLASH_ATTN_TYPE_ENABLED/DISABLED
         cparams.no_perf = True
         cparams.op_offload = bool(options.gpu_devices)
+        self._mixer = _mixer(options)
+        if self._mixer is not None:
+            cparams.cb_eval = self._mixer.callback
         ctx = lib.llama_init_from_model(model, cparams)
         if not ctx:
             lib.llama_model_free(model)
@@ -349,6 +360,7 @@ class GgufModel(VocabularyMethods):
             quantization=quantization,
             backend="+".join(options.gpu_devices) if options.gpu_devices and options.n_gpu_layers else "cpu",
             n_gpu_layers=mparams.n_gpu_layers,
+            mixes_adapters=self._mixer is not None,
         )
         log.info(
             "loaded %s: %s, %d slots x %d tokens",
@@ -366,11 +378,14 @@ class GgufModel(VocabularyMethods):
         return GgufSampler(self._lib, self._ctx, self._n_vocab, params)
 
     def load_adapter(self, path: Path, name: str) -> GgufAdapter:
+        factors = AdapterFactors.read(path) if self._mixer is not None else None
         with self._lock:
-            pointer = self._lib.llama_adapter_lora_init(self._model, str(path).encode("utf-8"))
-            if not pointer:
-                raise AdapterLoadError(path, "llama.cpp refused it (its log above says why)")
-            adapter = GgufAdapter(self, name, pointer)
+            pointer = None
+            if factors is None:
+                pointer = self._lib.llama_adapter_lora_init(self._model, str(path).encode("utf-8"))
+                if not pointer:
+                    raise AdapterLoadError(path, "llama.cpp refused it (its log above says why)")
+            adapter = GgufAdapter(self, name, pointer, factors)
             self._adapters.add(adapter)
         return adapter
 
@@ -378,11 +393,12 @@ class GgufModel(VocabularyMethods):
         with self._lock:
             if adapter not in self._adapters:
                 return
-            if any(pointer == adapter.pointer for pointer, _ in self._applied):
-                self._apply(())  # the context must not keep a pointer to freed tensors
-            self._lib.llama_adapter_lora_free(adapter.pointer)
+            if adapter.pointer is not None:
+                if any(pointer == adapter.pointer for pointer, _ in self._applied):
+                    self._apply(())  # the context must not keep a pointer to freed tensors
+                self._lib.llama_adapter_lora_free(adapter.pointer)
             self._adapters.discard(adapter)
-            adapter.pointer = None
+            adapter.pointer = adapter.factors = None
 
     def _apply(self, wanted: tuple[tuple[Any, float], ...]) -> None:
         if wanted == self._applied:
@@ -397,12 +413,33 @@ class GgufModel(VocabularyMethods):
 
     def decode(self, items: Sequence[BatchItem], adapters: AdapterSet = ()) -> list[list[int]]:
         with self._lock:
+            if any(item.adapters for item in items):
+                return self._decode_mixed(items, adapters)
             wanted = []
             for adapter, scale in adapters:
                 assert isinstance(adapter, GgufAdapter) and adapter.pointer is not None, "adapter freed or foreign"
                 wanted.append((adapter.pointer, scale))
             self._apply(tuple(wanted))
             return self._decode(items)
+
+    def _decode_mixed(self, items: Sequence[BatchItem], adapters: AdapterSet) -> list[list[int]]:
+        mixer = self._mixer
+        if mixer is None or adapters:
+            raise DecodeError("per-item adapters need a CPU model that mixes them, and no adapters for the whole call")
+        factors = []
+        for item in items:
+            chosen = []
+            for adapter, scale in item.adapters:
+                assert isinstance(adapter, GgufAdapter) and adapter.factors is not None, "adapter freed or not mixable"
+                chosen.append((adapter.factors, scale))
+            factors.append(tuple(chosen))
+        self._apply(())
+        mixer.begin(items, factors, self._options.n_batch)
+        try:
+            outputs = self._decode(items)
+        finally:
+            mixer.end()
+        return outputs
 
     def _decode(self, items: Sequence[BatchItem]) -> list[list[int]]:
         batch = self._batch
@@ -452,6 +489,17 @@ class GgufModel(VocabularyMethods):
         if self._model is not None:
             lib.llama_model_free(self._model)
             self._model = None
+
+
+def _mixer(options: LoadOptions) -> AdapterMixer | None:
+    """The per-row adapter mixer for a model loaded with these options, where it can work."""
+    if not options.mix_adapters or options.gpu_devices:
+        return None  # activations of offloaded layers are not in host memory
+    try:
+        return AdapterMixer(_libggml)
+    except LayoutError as exc:
+        log.warning("LoRA adapters will be applied per decode call, not per request: %s", exc)
+        return None
 
 
 def use_extra_buffers(lib: Any, asked: bool | None) -> bool:
