@@ -17,6 +17,11 @@ Workloads:
   ``--lora-init-without-apply`` and gets each request's choice in its ``lora`` field; ours gets
   them over ``POST /v1/appliance/loras`` and each request names ``MODEL:adapter``.
 
+- ``chat-16``: 16 clients at once, each one short chat prompt, 128 tokens, temperature 0. Tokens per second.
+  With ``--out-of-the-box`` both servers start with nothing set but the model and port (ours:
+  ``appliance serve``, whose planner picks threads, slots and context; llama-server: ``-m MODEL``, whose
+  defaults are 4 slots on a unified KV cache): what a user gets who sets nothing.
+
 llama-server is built as ``vs_llama_server.py`` builds it (from the llama.cpp vendored in the installed
 llama-cpp-python's sdist; once, into ``--cache-dir``), or give ``--llama-server PATH``.
 """
@@ -36,7 +41,7 @@ import httpx
 from openai import OpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from concurrent_streams import one_stream
+from concurrent_streams import measure, one_stream
 from lora_mixed import PROMPTS as LORA_PROMPTS
 from vs_llama_server import (
     MODEL_ID,
@@ -123,7 +128,12 @@ def write_adapters(directory: Path) -> list[Path]:
     ]
 
 
-WORKLOADS = {"shared-prompt": shared_prompt, "mixed-lora": mixed_lora}
+def chat_16(client: OpenAI, server: str, clients: int = 16, tokens: int = 128) -> dict[str, float]:
+    summary = measure(client, MODEL_ID, clients, tokens)
+    return {"tok/s": summary.tokens_per_s, "ttft_p95": summary.ttft_p95_ms / 1000, "errors": summary.errors}
+
+
+WORKLOADS = {"shared-prompt": shared_prompt, "mixed-lora": mixed_lora, "chat-16": chat_16}
 HIGHER_IS_BETTER = {"req/s", "tok/s"}
 
 
@@ -139,6 +149,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "appliance-bench")
     parser.add_argument("--ours-args", nargs="*", default=[])
     parser.add_argument("--llama-server-args", nargs="*", default=[])
+    parser.add_argument("--out-of-the-box", action="store_true", help="start both servers with their defaults")
     args = parser.parse_args()
     args.llama_server = args.llama_server or build_llama_server(args.cache_dir)
     model = default_model_file()
@@ -151,6 +162,12 @@ def main() -> None:
     servers = ("ours", "llama-server")
     ports = {name: free_port() for name in servers}
     commands = {name: server_commands(args, model, ports[name])[name] for name in servers}
+    if args.out_of_the_box:
+        home = commands["ours"][1]
+        commands["ours"] = ([sys.executable, "-m", "appliance", "serve", "--port", str(ports["ours"]),
+                             "--log-level", "warning", *args.ours_args], home)  # fmt: skip
+        commands["llama-server"] = ([str(args.llama_server), "-m", str(model), "--port", str(ports["llama-server"]),
+                                     "-a", MODEL_ID, *args.llama_server_args], {})  # fmt: skip
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
     ours_cmd, ours_env = commands["ours"]
     llama_cmd, llama_env = commands["llama-server"]
@@ -162,7 +179,7 @@ def main() -> None:
             "ours": OpenAI(base_url=ours_url, api_key="bench", max_retries=0, timeout=600),
             "llama-server": OpenAI(base_url=llama_url, api_key="bench", max_retries=0, timeout=600),
         }
-        for path, name in zip(adapters, LORA_NAMES, strict=True):
+        for path, name in zip(adapters, LORA_NAMES[: len(adapters)], strict=True):
             made = httpx.post(f"{ours_url.removesuffix('/v1')}/v1/appliance/loras",
                               json={"path": str(path), "base": MODEL_ID, "name": name}, timeout=60)  # fmt: skip
             made.raise_for_status()

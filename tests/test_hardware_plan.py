@@ -96,11 +96,18 @@ def test_no_gpu_plans_the_cpu_with_physical_cores(smollm2: ModelShape) -> None:
     p = plan(machine(cpu_build()), smollm2)
     assert (p.device.value, p.gpu_layers.value, p.gpu_devices) == ("cpu", 0, ())
     assert p.device.reason == "no GPU found"
-    assert (p.threads.value, p.slots.value, p.ctx_size.value, p.batch_size.value) == (2, 8, 4096, 512)
+    assert (p.threads.value, p.slots.value, p.ctx_size.value, p.batch_size.value) == (2, 16, 4096, 512)
     assert p.threads.reason == "2 physical cores" and not p.advice and p.error is None
+    assert p.slots.reason.startswith("16: their KV cache takes at most a quarter of the free RAM")
     (ram,) = p.memory
-    assert ram.pool == "RAM" and ram.kv_cache == 8 * 4096 * 30 * 768  # llama.cpp: 720 MiB
+    assert ram.pool == "RAM" and ram.kv_cache == 16 * 4096 * 30 * 768  # llama.cpp: 1440 MiB
     assert ram.weights == smollm2.file_bytes and ram.compute == compute_bytes(smollm2, 512)
+
+
+def test_a_small_machine_keeps_8_cpu_slots_and_the_full_context(smollm2: ModelShape) -> None:
+    small = ci_cpu().model_copy(update={"ram_total": 4 * GIB, "ram_available": 4 * GIB})
+    p = plan(machine(cpu_build(), cpu=small), smollm2)  # 16 x 4096 tokens would take 1.4 of its 4 GiB
+    assert (p.slots.value, p.ctx_size.value) == (8, 4096) and not p.advice
 
 
 def test_big_gpu_takes_every_layer(smollm2: ModelShape) -> None:
@@ -147,7 +154,7 @@ def test_gpu_with_too_little_free_memory_falls_back_to_the_cpu_with_a_warning(sm
     (vgpu,) = nvidia("grid-p4-1q-vgpu-windows.xml")  # 106 MiB free
     caps = gpu_build(("CUDA0", "CUDA", vgpu.vram_free or 0, vgpu.vram_total or 0))
     p = plan(machine(caps, (vgpu,)), smollm2)
-    assert (p.device.value, p.gpu_layers.value, p.gpu_devices, p.slots.value) == ("cpu", 0, (), 8)
+    assert (p.device.value, p.gpu_layers.value, p.gpu_devices, p.slots.value) == ("cpu", 0, (), 16)
     assert p.device.reason.startswith("not one layer fits")
     assert any("the model runs on the CPU" in a.message for a in p.advice)
 
