@@ -294,9 +294,10 @@ class AdapterMixer:
         call, self._call = self._call, None
         if call is None:
             return
-        self.last = call
         if call.error is None and call.index != len(call.batches) - 1:
             call.error = f"llama.cpp computed {call.index + 1} micro-batches, {len(call.batches)} were predicted"
+        if call.error is None and call.wanted and not call.updated:
+            call.error = "no matmul of an adapted weight was seen (has llama.cpp renamed its weights?)"
         if call.error is not None:
             raise DecodeError(f"per-row LoRA update failed: {call.error}")
 
