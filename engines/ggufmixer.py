@@ -279,6 +279,7 @@ class AdapterMixer:
         self._mul_mat, self._get_rows = check_layout(lib)
         self._call: _Call | None = None
         self._node: tuple[int, str] | None = None
+        self._views: dict[tuple[int, int, int], np.ndarray] = {}
         self.callback = EVAL_CALLBACK(self._on_node)  # the context keeps the pointer: keep this alive
 
     def begin(self, items: Sequence[BatchItem], factors: Sequence[_Chosen], n_ubatch: int) -> None:
@@ -350,11 +351,12 @@ class AdapterMixer:
             nb0, nb1 = _I64.from_address(tensor + _NB).value, _I64.from_address(tensor + _NB + 8).value
             if dtype != GGML_TYPE_F32 or nb0 != 4 or nb1 != 4 * width or height != n_rows:
                 raise RuntimeError(f"{name}: not a contiguous f32 matmul (type {dtype}, nb {nb0}/{nb1})")
-        out = _floats(_ptr(t + _DATA), n_rows, n_out)
-        x = _floats(_ptr(src + _DATA), n_rows, n_in)
+        out = self._view(_ptr(t + _DATA), n_rows, n_out)
+        x = self._view(_ptr(src + _DATA), n_rows, n_in)
         # the last layer's matmuls after llama.cpp kept only the output rows
         for chosen, index in call.row_groups(outputs=n_rows != len(batch.rows)):
-            xs, total = x[index], None
+            whole = len(index) == n_rows  # every row: views instead of copies (same values, same sums)
+            xs, total = (x if whole else x[index]), None
             for factors, scale in chosen:  # summed in the request's order, added once
                 pair = factors.pairs.get(name)
                 if pair is not None:
@@ -362,5 +364,19 @@ class AdapterMixer:
                     delta *= scale * pair.scale
                     total = delta if total is None else total + delta
             if total is not None:
-                out[index] += total
+                if whole:
+                    out += total
+                else:
+                    out[index] += total
         call.updated += 1
+
+    def _view(self, address: int, rows: int, width: int) -> np.ndarray:
+        """A writable float32 view of tensor data; llama.cpp reuses its compute buffers from step
+        to step, so the same few views recur (kept until there are too many)."""
+        key = (address, rows, width)
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) >= 1024:
+                self._views.clear()
+            view = self._views[key] = _floats(address, rows, width)
+        return view

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -92,7 +93,20 @@ def test_mixed_traffic_gives_every_request_its_solo_answer(served: tuple[Schedul
     async def together() -> list[str]:
         return list(await asyncio.gather(*(answer(sched, r) for r in requests)))
 
-    assert asyncio.run(together()) == alone
+    model = sched.resolve(DEFAULT_MODEL).model
+    kinds_per_call: list[int] = []  # how many adapter choices (the base counting as one) each call held
+
+    def counting(items: Any, adapters: Any = ()) -> Any:
+        kinds_per_call.append(len({tuple((a.name, s) for a, s in item.adapters) for item in items}))
+        return type(model).decode(model, items, adapters)
+
+    model.decode = counting  # type: ignore[method-assign]
+    try:
+        assert asyncio.run(together()) == alone
+    finally:
+        del model.decode
+    # the base and both adapters decode in the same calls (engines/ggufmixer.py)
+    assert model.facts.mixes_adapters and max(kinds_per_call) >= 3
 
 
 def test_unknown_adapters_are_refused_by_name(served: tuple[Scheduler, AdapterSync]) -> None:
