@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +44,7 @@ from appliance.generation import (
     thread_safe_emitter,
 )
 from appliance.speculative import NgramIndex
-from engines.base import BatchItem, EngineError, LoadedAdapter, LoadedModel, Sampler, SamplingParams
+from engines.base import AdapterSet, BatchItem, EngineError, LoadedAdapter, LoadedModel, Sampler, SamplingParams
 from engines.chat_template import takes_system_role
 from engines.textstream import TextStream
 
@@ -164,6 +164,10 @@ class _Sequence:
     # and takes a copy of their KV instead of computing them again (``source_n`` tokens)
     source: _Sequence | None = None
     source_n: int = 0
+    # its adapters as its decode calls carry them (``_place``): its own rows' (the model mixes
+    # them), or the whole call's
+    own_adapters: AdapterSet = ()
+    call_adapters: AdapterKey = ()
     followers: list[_Sequence] = field(default_factory=list)
     logprobs: list[TokenInfo] = field(default_factory=list)  # of tokens whose text is not yet sent
 
@@ -548,6 +552,10 @@ class ModelRunner:
         seq = _Sequence(job, slot, self.model.new_sampler(job.sampling), TextStream(job.request.stop))
         seq.n_cached = seq.n_prompt_done = seq.n_past = n_cached
         seq.started = self._clock()
+        if self.model.facts.mixes_adapters and all(a.handle.mixable for a, _ in job.adapters):
+            seq.own_adapters = tuple((a.handle, scale) for a, scale in job.adapters)
+        else:
+            seq.call_adapters = job.adapters
         if job.grammar is not None:
             seq.matcher = constraints.for_model(self.model).matcher(job.grammar)
         elif self.config.speculative:  # drafts are not checked against a constraint: none then
@@ -615,14 +623,6 @@ class ModelRunner:
             if seq.job.cancel.is_set():
                 self._finish(seq, "cancelled", seq.job.cancelled_by)
 
-    def _mixed(self, seq: _Sequence) -> bool:
-        """Whether the model applies this sequence's adapters to its own rows, in any call."""
-        return self.model.facts.mixes_adapters and all(a.handle.mixable for a, _ in seq.job.adapters)
-
-    def _call_adapters(self, seq: _Sequence) -> AdapterKey:
-        """The adapters a call holding this sequence applies to the whole call."""
-        return () if self._mixed(seq) else seq.job.adapters
-
     def _by_adapters(self, seqs: list[_Sequence], *, split: bool = False) -> list[list[_Sequence]]:
         """Sequences grouped by the adapter set their call applies, the set applied last first;
         with ``split``, each sequence with such adapters alone (see ``RunnerConfig.exact_adapters``).
@@ -636,15 +636,11 @@ class ModelRunner:
         """
         groups: dict[AdapterKey, list[_Sequence]] = {}
         for seq in seqs:
-            groups.setdefault(self._call_adapters(seq), []).append(seq)
+            groups.setdefault(seq.call_adapters, []).append(seq)
         calls: list[list[_Sequence]] = []
         for key, group in sorted(groups.items(), key=lambda kv: kv[0] != self._applied):
             calls.extend([[seq] for seq in group] if split and key else [group])
         return calls
-
-    def _item(self, seq: _Sequence, tokens: Sequence[int], start: int, n_outputs: int) -> BatchItem:
-        own = tuple((a.handle, scale) for a, scale in seq.job.adapters) if self._mixed(seq) else ()
-        return BatchItem(seq.slot.index, tokens, start, n_outputs, own)
 
     def _decode(self, items: list[BatchItem], adapters: AdapterKey) -> list[list[int]]:
         self._applied = adapters
@@ -673,8 +669,10 @@ class ModelRunner:
                     draft = self._draft(seq, budget, len(decoding))
                     budget -= len(draft)
                     drafts.append(draft)
-                    items.append(self._item(seq, (seq.pending, *draft), seq.n_past, 1 + len(draft)))
-                outputs = self._decode(items, self._call_adapters(group[0]))
+                    items.append(
+                        BatchItem(seq.slot.index, (seq.pending, *draft), seq.n_past, 1 + len(draft), seq.own_adapters)
+                    )
+                outputs = self._decode(items, group[0].call_adapters)
                 masks = self._masks(group)
                 for seq, indices, draft in zip(group, outputs, drafts, strict=True):
                     generated += self._accept(seq, indices, draft, masks.get(seq.slot.index))
@@ -688,9 +686,11 @@ class ModelRunner:
             if n == 0:
                 continue
             done = start + n == len(seq.job.tokens)
-            chunk = self._item(seq, seq.job.tokens[start : start + n], start, 1 if done else 0)
+            chunk = BatchItem(
+                seq.slot.index, seq.job.tokens[start : start + n], start, 1 if done else 0, seq.own_adapters
+            )
             budget -= n
-            (indices,) = self._decode([chunk], self._call_adapters(seq))
+            (indices,) = self._decode([chunk], seq.call_adapters)
             seq.n_prompt_done += n
             seq.n_past += n
             if done:

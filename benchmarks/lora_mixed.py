@@ -48,6 +48,11 @@ PROMPTS = [
 ]
 
 
+def write_bench_lora(path: Path, seed: int) -> Path:
+    """A random rank-8 f32 adapter on attn_q and attn_v of every layer of the default model."""
+    return write_lora(path, default_model_file(), seed=seed, rank=8, tensors=targets(30, ("attn_q", "attn_v")))
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -96,12 +101,8 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=50)
     parser.add_argument("--serve-arg", action="append", default=[], help="extra server flag, e.g. --no-flash-attn")
     args = parser.parse_args()
-    base_file = default_model_file()
     work = Path(tempfile.mkdtemp(prefix="bench-lora-"))
-    files = [
-        write_lora(work / f"a{i:02d}.gguf", base_file, seed=i, rank=8, tensors=targets(30, ("attn_q", "attn_v")))
-        for i in range(args.adapters)
-    ]
+    files = [write_bench_lora(work / f"a{i:02d}.gguf", seed=i) for i in range(args.adapters)]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "appliance", "serve", "--port", str(port), "--threads", str(args.threads),

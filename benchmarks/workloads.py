@@ -34,8 +34,10 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 from openai import OpenAI
@@ -43,6 +45,7 @@ from openai import OpenAI
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from concurrent_streams import measure, one_stream
 from lora_mixed import PROMPTS as LORA_PROMPTS
+from lora_mixed import write_bench_lora
 from vs_llama_server import (
     MODEL_ID,
     SYSTEM_RULES,
@@ -53,6 +56,26 @@ from vs_llama_server import (
     server_commands,
 )
 
+T = TypeVar("T")
+Asked = tuple[float, int, bool]  # one request's time to first token, tokens, and whether it ended whole
+
+
+def together(ask: Callable[[T], Asked], inputs: Iterable[T], concurrency: int) -> tuple[list[Asked], float]:
+    """``ask`` for every input, ``concurrency`` at a time, and the seconds it all took."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(ask, inputs))
+    return results, time.perf_counter() - start
+
+
+def latency(results: list[Asked]) -> dict[str, float]:
+    ttfts = sorted(t for t, _, _ in results)
+    return {
+        "ttft_p50": statistics.median(ttfts),
+        "ttft_p95": ttfts[int(0.95 * (len(ttfts) - 1))],
+        "errors": sum(1 for _, _, ok in results if not ok),
+    }
+
 
 def shared_prompt(
     client: OpenAI, server: str, requests: int = 32, concurrency: int = 16, tokens: int = 64
@@ -61,22 +84,13 @@ def shared_prompt(
     system = f"Session {uuid.uuid4().hex[:8]}. You are the shop assistant. {rules}"
     questions = [f"Customer {i}: how much is item {i % 48} and when does it ship?" for i in range(requests)]
 
-    def ask(question: str) -> tuple[float, int, bool]:
+    def ask(question: str) -> Asked:
         messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
         result = one_stream(client, MODEL_ID, messages, tokens)
         return result.ttft, result.tokens, result.whole and not result.error
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(ask, questions))
-    elapsed = time.perf_counter() - start
-    ttfts = sorted(t for t, _, _ in results)
-    return {
-        "req/s": requests / elapsed,
-        "ttft_p50": statistics.median(ttfts),
-        "ttft_p95": ttfts[int(0.95 * (len(ttfts) - 1))],
-        "errors": sum(1 for _, _, ok in results if not ok),
-    }
+    results, elapsed = together(ask, questions, concurrency)
+    return {"req/s": requests / elapsed, **latency(results)}
 
 
 LORA_NAMES = ("a", "b")
@@ -87,7 +101,7 @@ def mixed_lora(
 ) -> dict[str, float]:
     choices = [None, LORA_NAMES[0], None, LORA_NAMES[1]]  # half base, a quarter on each adapter
 
-    def ask(i: int) -> tuple[float, int, bool]:
+    def ask(i: int) -> Asked:
         adapter = choices[i % len(choices)]
         messages = [{"role": "user", "content": LORA_PROMPTS[i % len(LORA_PROMPTS)]}]
         if server == "ours":
@@ -98,34 +112,13 @@ def mixed_lora(
         result = one_stream(client, model, messages, tokens, extra)
         return result.ttft, result.tokens, result.whole and not result.error
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(ask, range(requests)))
-    elapsed = time.perf_counter() - start
-    ttfts = sorted(t for t, _, _ in results)
-    return {
-        "tok/s": sum(n for _, n, _ in results) / elapsed,
-        "ttft_p50": statistics.median(ttfts),
-        "ttft_p95": ttfts[int(0.95 * (len(ttfts) - 1))],
-        "errors": sum(1 for _, _, ok in results if not ok),
-    }
+    results, elapsed = together(ask, range(requests), concurrency)
+    return {"tok/s": sum(n for _, n, _ in results) / elapsed, **latency(results)}
 
 
 def write_adapters(directory: Path) -> list[Path]:
     """The two adapters of ``mixed-lora``, for both servers."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from tests.loras import targets, write_lora
-
-    return [
-        write_lora(
-            directory / f"{name}.gguf",
-            default_model_file(),
-            seed=k + 1,
-            rank=8,
-            tensors=targets(30, ("attn_q", "attn_v")),
-        )
-        for k, name in enumerate(LORA_NAMES)
-    ]
+    return [write_bench_lora(directory / f"{name}.gguf", seed=k + 1) for k, name in enumerate(LORA_NAMES)]
 
 
 def chat_16(client: OpenAI, server: str, clients: int = 16, tokens: int = 128) -> dict[str, float]:

@@ -54,7 +54,7 @@ class LoraInfo:
         return [t.target for t in self.tensors]
 
 
-def _reader(path: Path) -> Any:
+def open_adapter(path: Path) -> Any:
     """A ``GGUFReader`` of a sound adapter file, or ``AdapterLoadError`` saying what is wrong with it."""
     try:
         return open_reader(path)
@@ -73,7 +73,7 @@ def _shape(tensor: Any) -> tuple[int, ...]:
 
 def read_lora_info(path: Path) -> LoraInfo:
     """Parse an adapter's header; refuse anything llama.cpp would not load as a LoRA."""
-    reader = _reader(path)
+    reader = open_adapter(path)
     general_type = _field(reader, "general.type")
     if general_type != "adapter":
         found = f"general.type is {general_type!r}" if general_type else "it has no general.type"

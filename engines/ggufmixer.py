@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.base import AdapterLoadError, BatchItem, DecodeError
+from engines.base import BatchItem, DecodeError
 
 log = logging.getLogger(__name__)
 
@@ -174,26 +174,26 @@ class AdapterFactors:
         embeddings): such an adapter keeps llama.cpp's own mechanism."""
         import gguf
 
-        try:
-            reader = gguf.GGUFReader(path)
-        except (OSError, ValueError) as exc:
-            raise AdapterLoadError(path, f"cannot read its tensors: {exc}") from exc
+        # here: gguflora imports ggufmeta, which imports the engine that imports this module
+        from engines.gguflora import SUFFIX_A, SUFFIX_B, open_adapter
+
+        reader = open_adapter(path)
         alpha_field = reader.fields.get(gguf.Keys.Adapter.LORA_ALPHA)
         alpha = float(alpha_field.contents()) if alpha_field is not None else 0.0
         tensors: dict[str, np.ndarray] = {}
         for tensor in reader.tensors:
             name = str(tensor.name)
-            if name.endswith((".lora_a", ".lora_b")):
+            if name.endswith((SUFFIX_A, SUFFIX_B)):
                 data = np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)  # a copy:
                 tensors[name] = data.reshape([int(n) for n in reversed(tensor.shape)])  # the file may go
         factors = cls()
         for name, a in tensors.items():
-            if not name.endswith(".lora_a"):
+            if not name.endswith(SUFFIX_A):
                 continue
-            target = name.removesuffix(".lora_a")
+            target = name.removesuffix(SUFFIX_A)
             if target.endswith("token_embd.weight"):
                 return None
-            b = tensors[f"{target}.lora_b"]  # (n_out, rank); read_lora_info checked the pairs
+            b = tensors[target + SUFFIX_B]  # (n_out, rank); read_lora_info checked the pairs
             rank = b.shape[1]
             scale = alpha / rank if alpha else 1.0
             factors.pairs[target] = _Pair(np.ascontiguousarray(a), np.ascontiguousarray(b.T), scale)

@@ -525,7 +525,7 @@ def _slots(device: str, threads: int, o: Overrides) -> Decision[int]:
         return Decision(value=o.slots, reason="set by the user", source=o.source("slots"))
     if device != "cpu":
         return Decision(value=16, reason="a GPU decodes 16 sequences a step for little more than the time of one")
-    n = min(16, max(8, 2 * threads))
+    n = min(CPU_SLOTS_WIDE, max(8, 2 * threads))
     return Decision(value=n, reason=f"2 per thread, 8 to 16: batched CPU decoding gains up to about {n}")
 
 
